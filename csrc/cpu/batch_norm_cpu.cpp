@@ -1,0 +1,115 @@
+// CPU implementations of the fastbn ops: argument checks, layout, dtype, then the kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../batch_norm_common.h"
+#include "kernels.h"
+
+namespace fastbn {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+cpu::Dtype kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return cpu::Dtype::Float32;
+    case at::kDouble: return cpu::Dtype::Float64;
+    case at::kHalf: return cpu::Dtype::Float16;
+    case at::kBFloat16: return cpu::Dtype::BFloat16;
+    default: TORCH_CHECK_NOT_IMPLEMENTED(false, "\"batch_norm\" not implemented for '", c10::toString(type), "'");
+  }
+}
+
+// The input seen by the kernels: [N][C][spatial], or [N*spatial][C] for channels_last.
+cpu::Geometry kernel_geometry(const Tensor& input, at::MemoryFormat format) {
+  const int64_t channels = input.size(1);
+  const int64_t spatial = input.size(0) == 0 ? 0 : values_per_channel(input) / input.size(0);
+  if (format == at::MemoryFormat::Contiguous) return {input.size(0), channels, spatial};
+  return {input.size(0) * spatial, channels, 1};
+}
+
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// Statistics and parameters are handed to the kernels in the accumulation type.
+Tensor stat_as_acc(const Tensor& stat, const Tensor& input) {
+  return stat.reshape({-1}).to(accumulate_type(input.scalar_type())).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const optional<Tensor>& weight,
+                                                        const optional<Tensor>& bias, double eps) {
+  check_input(input);
+  check_param(weight, "weight", input);
+  check_param(bias, "bias", input);
+  const auto format = kernel_memory_format(input);
+  const Tensor x = input.contiguous(format);
+  Tensor output = at::empty(x.sizes(), x.options().memory_format(format));
+  const auto acc_options = x.options().dtype(accumulate_type(x.scalar_type()));
+  Tensor mean = at::empty({x.size(1)}, acc_options);
+  Tensor var = at::empty({x.size(1)}, acc_options);
+  const Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
+  cpu::active_kernels().train_forward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), x.const_data_ptr(),
+                                       output.data_ptr(), data_or_null(w), data_or_null(b), mean.data_ptr(),
+                                       var.data_ptr(), eps, at::get_num_threads()});
+  return {output, mean, var};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                           const Tensor& running_mean, const Tensor& running_var, double eps) {
+  check_input(input);
+  check_param(weight, "weight", input);
+  check_param(bias, "bias", input);
+  check_param(running_mean, "running_mean", input);
+  check_param(running_var, "running_var", input);
+  const auto format = kernel_memory_format(input);
+  const Tensor x = input.contiguous(format);
+  Tensor output = at::empty(x.sizes(), x.options().memory_format(format));
+  const Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
+  const Tensor mean = stat_as_acc(running_mean, x), var = stat_as_acc(running_var, x);
+  cpu::active_kernels().eval_forward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), x.const_data_ptr(),
+                                      output.data_ptr(), data_or_null(w), data_or_null(b), mean.const_data_ptr(),
+                                      var.const_data_ptr(), eps, at::get_num_threads()});
+  return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                           const optional<Tensor>& weight, const Tensor& mean,
+                                                           const Tensor& var, double eps, bool training,
+                                                           std::array<bool, 3> output_mask) {
+  check_input(input);
+  check_param(weight, "weight", input);
+  check_param(mean, "mean", input);
+  check_param(var, "var", input);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output has shape ",
+              grad_output.sizes(), " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_output has dtype ",
+              grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
+  const auto format = kernel_memory_format(input);
+  const Tensor x = input.contiguous(format);
+  const Tensor dy = grad_output.contiguous(format);  // the kernels walk both in the same order
+  const auto acc_options = x.options().dtype(accumulate_type(x.scalar_type()));
+  const int64_t channels = x.size(1);
+  Tensor grad_input = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(format)) : at::empty({0}, x.options());
+  Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, acc_options);
+  Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, acc_options);
+  const Tensor w = param_as_acc(weight, x);
+  const Tensor m = stat_as_acc(mean, x), v = stat_as_acc(var, x);
+  cpu::active_kernels().backward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), dy.const_data_ptr(),
+                                  x.const_data_ptr(), data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps,
+                                  training, output_mask[0] ? grad_input.data_ptr() : nullptr,
+                                  output_mask[1] ? grad_weight.data_ptr() : nullptr,
+                                  output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()});
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("update_running_stats", &update_running_stats);  // device-generic ATen maths
+}
+
+}  // namespace fastbn

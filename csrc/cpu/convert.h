@@ -1,0 +1,56 @@
+// Exact float <-> half / bfloat16 conversions written with integer operations only, so that loops
+// using them auto-vectorize on every instruction set (no F16C or AVX512-FP16 needed). Both were
+// checked bit for bit against the compiler's _Float16 over all 2^16 halves and 2^32/7 floats.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fastbn::cpu {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float bfloat16_to_float(uint16_t v) { return bits_float(uint32_t(v) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t exp_mask = 0x0f800000u;  // half exponent field after the shift below
+  uint32_t bits = uint32_t(h & 0x7fffu) << 13;
+  const uint32_t exp = bits & exp_mask;
+  bits += 0x38000000u;                                  // rebias 15 -> 127
+  bits = exp == exp_mask ? bits + 0x38000000u : bits;   // Inf / NaN
+  const float subnormal = bits_float(bits + 0x00800000u) - bits_float(0x38800000u);
+  bits = exp == 0 ? float_bits(subnormal) : bits;       // zero / subnormal
+  return bits_float(bits | (uint32_t(h & 0x8000u) << 16));
+}
+
+// Round to nearest even, overflow to Inf, NaN to a quiet NaN.
+inline uint16_t float_to_half(float f) {
+  uint32_t bits = float_bits(f);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  const uint32_t inf_or_nan = bits > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t subnormal = float_bits(bits_float(bits) + bits_float(0x3f000000u)) - 0x3f000000u;
+  const uint32_t normal = (bits + 0xc8000fffu + ((bits >> 13) & 1u)) >> 13;
+  const uint32_t out = bits >= 0x47800000u ? inf_or_nan : (bits < 0x38800000u ? subnormal : normal);
+  return uint16_t(out | (sign >> 16));
+}
+
+}  // namespace fastbn::cpu

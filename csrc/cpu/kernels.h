@@ -1,0 +1,80 @@
+// Raw-pointer interface of the CPU kernels. No torch headers: the glue in batch_norm_cpu.cpp
+// checks arguments and lays tensors out; the kernels only compute.
+#pragma once
+
+#include <cstdint>
+
+namespace fastbn::cpu {
+
+enum class Dtype : int { Float32, Float64, Float16, BFloat16 };
+
+// The input seen as [outer][channels][inner] with contiguous strides. inner == 1 is the "rows"
+// layout (N,C) or channels_last folded to (N*spatial, C); inner > 1 is the "planes" layout (NCHW...).
+struct Geometry {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+// Per-channel pointers (weight, bias, mean, var, grads) point to the accumulation type:
+// double for Float64 input, float otherwise. weight/bias may be null (1 and 0).
+struct TrainForwardArgs {
+  Dtype dtype;
+  Geometry geometry;
+  const void* input;
+  void* output;
+  const void* weight;
+  const void* bias;
+  void* mean;  // out: batch mean
+  void* var;   // out: biased batch variance
+  double eps;
+  int num_threads;
+};
+
+struct EvalForwardArgs {
+  Dtype dtype;
+  Geometry geometry;
+  const void* input;
+  void* output;
+  const void* weight;
+  const void* bias;
+  const void* mean;  // running statistics
+  const void* var;
+  double eps;
+  int num_threads;
+};
+
+struct BackwardArgs {
+  Dtype dtype;
+  Geometry geometry;
+  const void* grad_output;
+  const void* input;
+  const void* weight;
+  const void* mean;  // batch statistics when training, running statistics otherwise
+  const void* var;
+  double eps;
+  bool training;
+  void* grad_input;   // each output may be null when not requested
+  void* grad_weight;
+  void* grad_bias;
+  int num_threads;
+};
+
+struct KernelTable {
+  const char* simd;  // name of the instruction set the table was compiled for
+  void (*train_forward)(const TrainForwardArgs&);
+  void (*eval_forward)(const EvalForwardArgs&);
+  void (*backward)(const BackwardArgs&);
+};
+
+// One table per instruction set, each compiled in its own translation unit.
+const KernelTable& kernels_avx512();
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_baseline();
+
+// The table in use: the best the CPU supports, or FASTBN_SIMD=avx512|avx2|baseline when set.
+const KernelTable& active_kernels();
+// Forces a table by name (tests and benchmarks compare paths); returns false if the CPU lacks it.
+bool set_simd(const char* name);
+
+}  // namespace fastbn::cpu

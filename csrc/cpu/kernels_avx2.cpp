@@ -1,0 +1,9 @@
+#if defined(__x86_64__) || defined(__i386__)  // other architectures use the baseline table only
+#define FASTBN_ISA avx2
+#define FASTBN_ISA_TARGET "avx2,fma,bmi,bmi2"
+#include "kernels_impl.h"
+
+namespace fastbn::cpu {
+const KernelTable& kernels_avx2() { return avx2::table("avx2"); }
+}  // namespace fastbn::cpu
+#endif

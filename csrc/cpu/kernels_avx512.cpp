@@ -1,0 +1,9 @@
+#if defined(__x86_64__) || defined(__i386__)  // other architectures use the baseline table only
+#define FASTBN_ISA avx512
+#define FASTBN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2"
+#include "kernels_impl.h"
+
+namespace fastbn::cpu {
+const KernelTable& kernels_avx512() { return avx512::table("avx512"); }
+}  // namespace fastbn::cpu
+#endif

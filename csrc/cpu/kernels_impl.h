@@ -1,0 +1,490 @@
+// CPU BatchNorm kernels, written once and compiled once per instruction set: each
+// kernels_<isa>.cpp names FASTBN_ISA (a namespace) and FASTBN_ISA_TARGET (a GCC target string)
+// and includes this file, so the loops below auto-vectorize to that ISA; dispatch.cpp picks the
+// best table the CPU supports at run time. The build itself targets baseline x86-64.
+//
+// Determinism: every reduction runs over a fixed decomposition into blocks (it depends on the
+// shape only, never on the thread count), each block reduced by one thread, and block results
+// merged per channel in block order. Results are therefore bit-identical for any thread count.
+//
+// Numerics: blocks are small enough to stay in L1/L2, so each block takes its mean first and then
+// sum((x - mean)^2) in a second pass over cached data (exact two-pass variance); blocks are
+// merged in double with Chan's formula. fp16/bf16 accumulate in float, float64 in double.
+#ifndef FASTBN_ISA
+#error "define FASTBN_ISA (the namespace of this instruction set) before including kernels_impl.h"
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../batch_norm_math.h"
+#include "convert.h"
+#include "kernels.h"
+
+// Everything below is compiled for FASTBN_ISA_TARGET (the inline helpers above are compiled for
+// the baseline and inlined into it, which GCC allows since the target is a superset).
+#define FASTBN_DO_PRAGMA(x) _Pragma(#x)
+#define FASTBN_PRAGMA_TARGET(isa) FASTBN_DO_PRAGMA(GCC target(isa))
+#pragma GCC push_options
+#ifdef FASTBN_ISA_TARGET
+FASTBN_PRAGMA_TARGET(FASTBN_ISA_TARGET)
+#endif
+
+namespace fastbn::cpu::FASTBN_ISA {
+namespace {
+
+template <Dtype D>
+struct Traits;
+template <>
+struct Traits<Dtype::Float32> {
+  using storage = float;
+  using acc = float;
+  static acc load(storage v) { return v; }
+  static storage store(acc v) { return v; }
+};
+template <>
+struct Traits<Dtype::Float64> {
+  using storage = double;
+  using acc = double;
+  static acc load(storage v) { return v; }
+  static storage store(acc v) { return v; }
+};
+template <>
+struct Traits<Dtype::Float16> {
+  using storage = uint16_t;
+  using acc = float;
+  static acc load(storage v) { return half_to_float(v); }
+  static storage store(acc v) { return float_to_half(v); }
+};
+template <>
+struct Traits<Dtype::BFloat16> {
+  using storage = uint16_t;
+  using acc = float;
+  static acc load(storage v) { return bfloat16_to_float(v); }
+  static storage store(acc v) { return float_to_bfloat16(v); }
+};
+
+// About 4096 values per block: 16 KB of fp32, so a block's second pass reads L1.
+constexpr int64_t kBlockElems = 4096;
+// Rows blocks are wider (the channel vector is the SIMD axis) and sit in L2.
+constexpr int64_t kRowBlockElems = 32768;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Planes layout [N][C][S], S > 1: one channel is N strided runs of S contiguous values. A block is
+// a rectangle of `rows` runs by `cols` values; together the blocks tile the channel.
+struct PlaneBlocks {
+  int64_t N, C, S;
+  int64_t rows, cols;          // block extent along N and along S
+  int64_t row_blocks, col_blocks;
+  int64_t count() const { return row_blocks * col_blocks; }
+};
+
+PlaneBlocks plane_blocks(const Geometry& g) {
+  PlaneBlocks pb{g.outer, g.channels, g.inner, 1, g.inner, 1, 1};
+  if (g.inner >= kBlockElems) {
+    pb.col_blocks = ceil_div(g.inner, kBlockElems);
+    pb.cols = ceil_div(g.inner, pb.col_blocks);
+  } else {
+    pb.rows = std::max<int64_t>(1, kBlockElems / g.inner);
+  }
+  pb.row_blocks = std::max<int64_t>(1, ceil_div(g.outer, pb.rows));
+  return pb;
+}
+
+struct BlockRange {
+  int64_t n0, n1, s0, s1;
+  int64_t size() const { return (n1 - n0) * (s1 - s0); }
+};
+
+BlockRange block_range(const PlaneBlocks& pb, int64_t b) {
+  const int64_t rb = b / pb.col_blocks, cb = b % pb.col_blocks;
+  return {rb * pb.rows, std::min(pb.N, (rb + 1) * pb.rows), cb * pb.cols, std::min(pb.S, (cb + 1) * pb.cols)};
+}
+
+// Runs reduce(c, b) over every block of every channel, merges each channel's block results in
+// block order, hands them to finish(c, total), then runs apply(c, b) over every block. Channels
+// are spread over threads when there are enough of them (each channel's slice is then read from
+// DRAM once and revisited in cache); otherwise blocks are, so few channels still use all cores.
+template <typename Part, typename Reduce, typename Merge, typename Finish, typename Apply>
+void for_planes(const PlaneBlocks& pb, int num_threads, bool has_apply, Reduce reduce, Merge merge,
+                Finish finish, Apply apply) {
+  const int64_t C = pb.C, nb = pb.count();
+  if (num_threads == 1 || nb == 1 || C >= 4 * num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; ++c) {
+      Part total = reduce(c, 0);
+      for (int64_t b = 1; b < nb; ++b) total = merge(total, reduce(c, b));
+      finish(c, total);
+      if (has_apply)
+        for (int64_t b = 0; b < nb; ++b) apply(c, b);
+    }
+    return;
+  }
+  std::vector<Part> parts(C * nb);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < C * nb; ++i) parts[i] = reduce(i / nb, i % nb);
+  for (int64_t c = 0; c < C; ++c) {
+    Part total = parts[c * nb];
+    for (int64_t b = 1; b < nb; ++b) total = merge(total, parts[c * nb + b]);
+    finish(c, total);
+  }
+  if (!has_apply) return;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < C * nb; ++i) apply(i / nb, i % nb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows layout [M][C] (inner == 1): the channel index is the contiguous, vectorized axis. A block is
+// a run of whole rows; each block writes two per-channel partials, merged per channel in order.
+struct RowBlocks {
+  int64_t M, C, rows, count;
+  int64_t begin(int64_t b) const { return b * rows; }
+  int64_t end(int64_t b) const { return std::min(M, (b + 1) * rows); }
+};
+
+RowBlocks row_blocks(const Geometry& g) {
+  const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, g.channels));
+  return {g.outer, g.channels, rows, std::max<int64_t>(1, ceil_div(g.outer, rows))};
+}
+
+template <typename Acc, typename Reduce, typename MergeChannel, typename Apply>
+void for_rows(const RowBlocks& rb, int num_threads, bool has_reduce, bool has_apply, Reduce reduce,
+              MergeChannel merge_channel, Apply apply) {
+  const int64_t C = rb.C, nb = rb.count;
+  if (has_reduce) {
+    std::vector<Acc> first(nb * C), second(nb * C);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) reduce(b, first.data() + b * C, second.data() + b * C);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < C; ++c) merge_channel(c, first.data(), second.data());
+  }
+  if (!has_apply) return;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < nb; ++b) apply(b);
+}
+
+// Per-channel parameters in the accumulation type: weight (1 when absent), bias (0 when absent).
+template <typename Acc>
+Acc param_or(const void* p, int64_t c, Acc fallback) {
+  return p ? static_cast<const Acc*>(p)[c] : fallback;
+}
+
+// ---------------------------------------------------------------------------------------------
+// y = (x - mean) * scale + bias over one block, shared by training and eval forward.
+template <Dtype D, typename Acc = typename Traits<D>::acc>
+void normalize_plane_block(const typename Traits<D>::storage* __restrict__ x,
+                           typename Traits<D>::storage* __restrict__ y, const PlaneBlocks& pb,
+                           const BlockRange& r, int64_t c, Acc mean, Acc scale, Acc bias) {
+  using K = Traits<D>;
+  for (int64_t n = r.n0; n < r.n1; ++n) {
+    const int64_t off = (n * pb.C + c) * pb.S;
+#pragma omp simd
+    for (int64_t s = r.s0; s < r.s1; ++s) y[off + s] = K::store((K::load(x[off + s]) - mean) * scale + bias);
+  }
+}
+
+template <Dtype D, typename Acc = typename Traits<D>::acc>
+void normalize_row_block(const typename Traits<D>::storage* __restrict__ x,
+                         typename Traits<D>::storage* __restrict__ y, const RowBlocks& rb, int64_t b,
+                         const Acc* __restrict__ mean, const Acc* __restrict__ scale,
+                         const Acc* __restrict__ bias) {
+  using K = Traits<D>;
+  const int64_t C = rb.C;
+  for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[m * C + c] = K::store((K::load(x[m * C + c]) - mean[c]) * scale[c] + bias[c]);
+  }
+}
+
+// Per-channel (mean, scale, bias) for y = (x - mean) * scale + bias.
+template <typename Acc>
+struct AffineTable {
+  std::vector<Acc> mean, scale, bias;
+  explicit AffineTable(int64_t C) : mean(C), scale(C), bias(C) {}
+  void set(int64_t c, Acc m, Acc invstd, const void* weight, const void* bias_p) {
+    mean[c] = m;
+    scale[c] = param_or<Acc>(weight, c, Acc(1)) * invstd;
+    bias[c] = param_or<Acc>(bias_p, c, Acc(0));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Training forward: batch statistics, then normalize and affine, in one sweep per channel.
+template <Dtype D>
+void train_forward_impl(const TrainForwardArgs& a) {
+  using K = Traits<D>;
+  using Acc = typename K::acc;
+  using Stats = Moments<double>;
+  const auto* x = static_cast<const typename K::storage*>(a.input);
+  auto* y = static_cast<typename K::storage*>(a.output);
+  auto* mean_out = static_cast<Acc*>(a.mean);
+  auto* var_out = static_cast<Acc*>(a.var);
+  const Geometry& g = a.geometry;
+  const int64_t C = g.channels;
+  AffineTable<Acc> affine(C);
+  const bool has_values = g.outer * g.inner > 0;
+
+  auto finish = [&](int64_t c, const Stats& s) {
+    const Acc mean = Acc(s.mean), var = Acc(biased_variance(s));
+    mean_out[c] = mean;
+    var_out[c] = var;
+    affine.set(c, mean, inverse_std(var, Acc(a.eps)), a.weight, a.bias);
+  };
+  if (!has_values) {  // empty batch: no statistics, nothing to write
+    for (int64_t c = 0; c < C; ++c) mean_out[c] = var_out[c] = Acc(0);
+    return;
+  }
+
+  if (g.inner > 1) {
+    const PlaneBlocks pb = plane_blocks(g);
+    auto reduce = [&](int64_t c, int64_t b) -> Stats {
+      const BlockRange r = block_range(pb, b);
+      Acc sum = 0;
+      for (int64_t n = r.n0; n < r.n1; ++n) {
+        const auto* p = x + (n * C + c) * pb.S;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = r.s0; s < r.s1; ++s) sum += K::load(p[s]);
+      }
+      const Acc mean = sum / Acc(r.size());
+      Acc m2 = 0;
+      for (int64_t n = r.n0; n < r.n1; ++n) {
+        const auto* p = x + (n * C + c) * pb.S;
+#pragma omp simd reduction(+ : m2)
+        for (int64_t s = r.s0; s < r.s1; ++s) {
+          const Acc d = K::load(p[s]) - mean;
+          m2 += d * d;
+        }
+      }
+      return {double(r.size()), double(mean), double(m2)};
+    };
+    auto apply = [&](int64_t c, int64_t b) {
+      normalize_plane_block<D>(x, y, pb, block_range(pb, b), c, affine.mean[c], affine.scale[c], affine.bias[c]);
+    };
+    for_planes<Stats>(pb, a.num_threads, true, reduce, merge_moments<double>, finish, apply);
+    return;
+  }
+
+  const RowBlocks rb = row_blocks(g);
+  auto reduce = [&](int64_t b, Acc* __restrict__ mean, Acc* __restrict__ m2) {
+    const int64_t m0 = rb.begin(b), m1 = rb.end(b);
+    std::fill(mean, mean + C, Acc(0));
+    std::fill(m2, m2 + C, Acc(0));
+    for (int64_t m = m0; m < m1; ++m) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) mean[c] += K::load(x[m * C + c]);
+    }
+    const Acc count = Acc(m1 - m0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+    for (int64_t m = m0; m < m1; ++m) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const Acc d = K::load(x[m * C + c]) - mean[c];
+        m2[c] += d * d;
+      }
+    }
+  };
+  auto merge_channel = [&](int64_t c, const Acc* mean, const Acc* m2) {
+    Stats total{0, 0, 0};
+    for (int64_t b = 0; b < rb.count; ++b)
+      total = merge_moments(total, Stats{double(rb.end(b) - rb.begin(b)), double(mean[b * C + c]), double(m2[b * C + c])});
+    finish(c, total);
+  };
+  auto apply = [&](int64_t b) {
+    normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
+  };
+  for_rows<Acc>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Eval forward: a single y = (x - running_mean) * scale + bias pass.
+template <Dtype D>
+void eval_forward_impl(const EvalForwardArgs& a) {
+  using K = Traits<D>;
+  using Acc = typename K::acc;
+  const auto* x = static_cast<const typename K::storage*>(a.input);
+  auto* y = static_cast<typename K::storage*>(a.output);
+  const Geometry& g = a.geometry;
+  const int64_t C = g.channels;
+  if (g.outer * g.inner == 0) return;
+  AffineTable<Acc> affine(C);
+  const auto* mean = static_cast<const Acc*>(a.mean);
+  const auto* var = static_cast<const Acc*>(a.var);
+  for (int64_t c = 0; c < C; ++c) affine.set(c, mean[c], inverse_std(var[c], Acc(a.eps)), a.weight, a.bias);
+
+  if (g.inner > 1) {
+    const PlaneBlocks pb = plane_blocks(g);
+    const int64_t nb = pb.count();
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+    for (int64_t i = 0; i < C * nb; ++i) {
+      const int64_t c = i / nb;
+      normalize_plane_block<D>(x, y, pb, block_range(pb, i % nb), c, affine.mean[c], affine.scale[c], affine.bias[c]);
+    }
+    return;
+  }
+  const RowBlocks rb = row_blocks(g);
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+  for (int64_t b = 0; b < rb.count; ++b)
+    normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: per channel sum(dy) and sum(dy * (x - mean)) in one pass, then
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift in a second pass over (cached) data.
+template <typename Acc>
+struct GradCoefficients {
+  std::vector<Acc> mean, dy_scale, xmu_scale, shift;
+  explicit GradCoefficients(int64_t C) : mean(C), dy_scale(C), xmu_scale(C), shift(C) {}
+};
+
+template <Dtype D>
+void backward_impl(const BackwardArgs& a) {
+  using K = Traits<D>;
+  using Acc = typename K::acc;
+  using T = typename K::storage;
+  const auto* dy = static_cast<const T*>(a.grad_output);
+  const auto* x = static_cast<const T*>(a.input);
+  auto* dx = static_cast<T*>(a.grad_input);
+  const auto* mean_in = static_cast<const Acc*>(a.mean);
+  const auto* var_in = static_cast<const Acc*>(a.var);
+  auto* grad_weight = static_cast<Acc*>(a.grad_weight);
+  auto* grad_bias = static_cast<Acc*>(a.grad_bias);
+  const Geometry& g = a.geometry;
+  const int64_t C = g.channels;
+  const Acc count = Acc(g.outer * g.inner);
+  GradCoefficients<Acc> coef(C);
+  // The sums are needed for the parameter grads, and for dx only when training.
+  const bool has_reduce = grad_weight || grad_bias || (dx && a.training);
+  const bool has_apply = dx && count > 0;
+
+  struct Sums {
+    double dy, dy_xmu;
+  };
+  auto finish = [&](int64_t c, const Sums& s) {
+    const Acc invstd = inverse_std(var_in[c], Acc(a.eps));
+    if (grad_weight) grad_weight[c] = Acc(s.dy_xmu) * invstd;
+    if (grad_bias) grad_bias[c] = Acc(s.dy);
+    const auto k = input_grad_coefficients(invstd, param_or<Acc>(a.weight, c, Acc(1)), Acc(s.dy), Acc(s.dy_xmu),
+                                           count, a.training);
+    coef.mean[c] = mean_in[c];
+    coef.dy_scale[c] = k.dy_scale;
+    coef.xmu_scale[c] = k.xmu_scale;
+    coef.shift[c] = k.shift;
+  };
+  if (!has_reduce || count == 0)
+    for (int64_t c = 0; c < C; ++c) finish(c, Sums{0, 0});
+  if (count == 0 || (!has_reduce && !has_apply)) return;
+
+  if (g.inner > 1) {
+    const PlaneBlocks pb = plane_blocks(g);
+    auto reduce = [&](int64_t c, int64_t b) -> Sums {
+      const BlockRange r = block_range(pb, b);
+      const Acc mean = mean_in[c];
+      Acc sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t n = r.n0; n < r.n1; ++n) {
+        const int64_t off = (n * C + c) * pb.S;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
+        for (int64_t s = r.s0; s < r.s1; ++s) {
+          const Acc g_ = K::load(dy[off + s]);
+          sum_dy += g_;
+          sum_dy_xmu += g_ * (K::load(x[off + s]) - mean);
+        }
+      }
+      return {double(sum_dy), double(sum_dy_xmu)};
+    };
+    auto merge = [](const Sums& l, const Sums& r) { return Sums{l.dy + r.dy, l.dy_xmu + r.dy_xmu}; };
+    auto apply = [&](int64_t c, int64_t b) {
+      const BlockRange r = block_range(pb, b);
+      const Acc mean = coef.mean[c], ka = coef.dy_scale[c], kb = coef.xmu_scale[c], kc = coef.shift[c];
+      for (int64_t n = r.n0; n < r.n1; ++n) {
+        const int64_t off = (n * C + c) * pb.S;
+#pragma omp simd
+        for (int64_t s = r.s0; s < r.s1; ++s)
+          dx[off + s] = K::store(K::load(dy[off + s]) * ka + (K::load(x[off + s]) - mean) * kb + kc);
+      }
+    };
+    if (has_reduce) {
+      for_planes<Sums>(pb, a.num_threads, has_apply, reduce, merge, finish, apply);
+    } else {
+      const int64_t nb = pb.count();
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+      for (int64_t i = 0; i < C * nb; ++i) apply(i / nb, i % nb);
+    }
+    return;
+  }
+
+  const RowBlocks rb = row_blocks(g);
+  auto reduce = [&](int64_t b, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {
+    std::fill(sum_dy, sum_dy + C, Acc(0));
+    std::fill(sum_dy_xmu, sum_dy_xmu + C, Acc(0));
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const Acc g_ = K::load(dy[m * C + c]);
+        sum_dy[c] += g_;
+        sum_dy_xmu[c] += g_ * (K::load(x[m * C + c]) - mean_in[c]);
+      }
+    }
+  };
+  auto merge_channel = [&](int64_t c, const Acc* sum_dy, const Acc* sum_dy_xmu) {
+    Sums total{0, 0};
+    for (int64_t b = 0; b < rb.count; ++b) {
+      total.dy += double(sum_dy[b * C + c]);
+      total.dy_xmu += double(sum_dy_xmu[b * C + c]);
+    }
+    finish(c, total);
+  };
+  auto apply = [&](int64_t b) {
+    const Acc* __restrict__ mean = coef.mean.data();
+    const Acc* __restrict__ ka = coef.dy_scale.data();
+    const Acc* __restrict__ kb = coef.xmu_scale.data();
+    const Acc* __restrict__ kc = coef.shift.data();
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c)
+        dx[m * C + c] = K::store(K::load(dy[m * C + c]) * ka[c] + (K::load(x[m * C + c]) - mean[c]) * kb[c] + kc[c]);
+    }
+  };
+  for_rows<Acc>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
+}
+
+template <template <Dtype> class Fn, typename Args>
+void dispatch_dtype(const Args& a) {
+  switch (a.dtype) {
+    case Dtype::Float32: return Fn<Dtype::Float32>::run(a);
+    case Dtype::Float64: return Fn<Dtype::Float64>::run(a);
+    case Dtype::Float16: return Fn<Dtype::Float16>::run(a);
+    case Dtype::BFloat16: return Fn<Dtype::BFloat16>::run(a);
+  }
+}
+
+template <Dtype D>
+struct TrainForward {
+  static void run(const TrainForwardArgs& a) { train_forward_impl<D>(a); }
+};
+template <Dtype D>
+struct EvalForward {
+  static void run(const EvalForwardArgs& a) { eval_forward_impl<D>(a); }
+};
+template <Dtype D>
+struct Backward {
+  static void run(const BackwardArgs& a) { backward_impl<D>(a); }
+};
+
+void train_forward(const TrainForwardArgs& a) { dispatch_dtype<TrainForward>(a); }
+void eval_forward(const EvalForwardArgs& a) { dispatch_dtype<EvalForward>(a); }
+void backward(const BackwardArgs& a) { dispatch_dtype<Backward>(a); }
+
+}  // namespace
+
+const KernelTable& table(const char* simd) {
+  static const KernelTable kernels{simd, train_forward, eval_forward, backward};
+  return kernels;
+}
+
+}  // namespace fastbn::cpu::FASTBN_ISA
+
+#pragma GCC pop_options

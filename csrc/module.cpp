@@ -1,0 +1,43 @@
+// The Python module fastbn._C: loading it registers the ops (ops.cpp, cpu/, cuda/); the module
+// itself only reports how it was built and lets tests pick a SIMD path.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+#define FASTBN_STR_(x) #x
+#define FASTBN_STR(x) FASTBN_STR_(x)
+
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = FASTBN_STR(TORCH_VERSION_MAJOR) "." FASTBN_STR(TORCH_VERSION_MINOR) "." FASTBN_STR(
+      TORCH_VERSION_PATCH);
+#ifdef FASTBN_WITH_CUDA
+  info["cuda_compiled"] = true;
+#else
+  info["cuda_compiled"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = _OPENMP;
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = 0;
+#endif
+  info["simd"] = fastbn::cpu::active_kernels().simd;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastbn compiled extension: build information (the ops are registered under torch.ops.fastbn)";
+  m.def("build_info", &build_info, "How this extension was built and which SIMD path is in use.");
+  m.def(
+      "set_simd", [](const std::string& name) { return fastbn::cpu::set_simd(name.c_str()); },
+      "Use the kernels compiled for `name` (avx512, avx2, baseline); False if this CPU lacks it.");
+}

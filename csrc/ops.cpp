@@ -1,0 +1,33 @@
+// The fastbn operator schemas, declared once. Implementations are registered per backend
+// (cpu/batch_norm_cpu.cpp; cuda/ later); fake kernels and autograd live in python/fastbn/_ops.py.
+//
+// The ops are functional so that torch.library.register_autograd accepts them: the training
+// forward returns the batch statistics and a separate mutating op folds them into the running
+// statistics. mean/var are in the accumulation dtype (float32, or float64 for float64 input).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastbn, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor var)",
+      tags);
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, float eps) -> Tensor",
+      tags);
+  // training=False differentiates the eval forward (statistics are constants there).
+  // Grads not asked for by output_mask come back as empty tensors.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var,"
+      " float eps, bool training, bool[3] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      tags);
+  // running <- (1 - f) * running + f * batch, with the unbiased variance, f = momentum or, when
+  // momentum is None, 1 / num_batches_tracked (a cumulative average). num_batches_tracked, when
+  // given, is incremented. Every argument is checked before anything is written.
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var,"
+      " Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, SymInt count) -> ()",
+      tags);
+}
