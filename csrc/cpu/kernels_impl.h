@@ -36,10 +36,14 @@ namespace {
 
 template <Dtype D>
 struct Traits;
+// storage: how values are stored; acc: per-channel parameters and elementwise maths; reduce: the
+// accumulators of sums over a block (double for float32 keeps sums of many values as accurate as
+// torch's own float32 path; the kernels are memory-bound, so the wider adds cost nothing visible).
 template <>
 struct Traits<Dtype::Float32> {
   using storage = float;
   using acc = float;
+  using reduce = double;
   static acc load(storage v) { return v; }
   static storage store(acc v) { return v; }
 };
@@ -47,6 +51,7 @@ template <>
 struct Traits<Dtype::Float64> {
   using storage = double;
   using acc = double;
+  using reduce = double;
   static acc load(storage v) { return v; }
   static storage store(acc v) { return v; }
 };
@@ -54,6 +59,7 @@ template <>
 struct Traits<Dtype::Float16> {
   using storage = uint16_t;
   using acc = float;
+  using reduce = float;
   static acc load(storage v) { return half_to_float(v); }
   static storage store(acc v) { return float_to_half(v); }
 };
@@ -61,6 +67,7 @@ template <>
 struct Traits<Dtype::BFloat16> {
   using storage = uint16_t;
   using acc = float;
+  using reduce = float;
   static acc load(storage v) { return bfloat16_to_float(v); }
   static storage store(acc v) { return float_to_bfloat16(v); }
 };
@@ -150,12 +157,12 @@ RowBlocks row_blocks(const Geometry& g) {
   return {g.outer, g.channels, rows, std::max<int64_t>(1, ceil_div(g.outer, rows))};
 }
 
-template <typename Acc, typename Reduce, typename MergeChannel, typename Apply>
+template <typename Part, typename Reduce, typename MergeChannel, typename Apply>
 void for_rows(const RowBlocks& rb, int num_threads, bool has_reduce, bool has_apply, Reduce reduce,
               MergeChannel merge_channel, Apply apply) {
   const int64_t C = rb.C, nb = rb.count;
   if (has_reduce) {
-    std::vector<Acc> first(nb * C), second(nb * C);
+    std::vector<Part> first(nb * C), second(nb * C);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t b = 0; b < nb; ++b) reduce(b, first.data() + b * C, second.data() + b * C);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -217,6 +224,7 @@ template <Dtype D>
 void train_forward_impl(const TrainForwardArgs& a) {
   using K = Traits<D>;
   using Acc = typename K::acc;
+  using R = typename K::reduce;
   using Stats = Moments<double>;
   const auto* x = static_cast<const typename K::storage*>(a.input);
   auto* y = static_cast<typename K::storage*>(a.output);
@@ -228,10 +236,10 @@ void train_forward_impl(const TrainForwardArgs& a) {
   const bool has_values = g.outer * g.inner > 0;
 
   auto finish = [&](int64_t c, const Stats& s) {
-    const Acc mean = Acc(s.mean), var = Acc(biased_variance(s));
-    mean_out[c] = mean;
-    var_out[c] = var;
-    affine.set(c, mean, inverse_std(var, Acc(a.eps)), a.weight, a.bias);
+    const double var = biased_variance(s);
+    mean_out[c] = Acc(s.mean);
+    var_out[c] = Acc(var);
+    affine.set(c, Acc(s.mean), Acc(inverse_std(var, a.eps)), a.weight, a.bias);
   };
   if (!has_values) {  // empty batch: no statistics, nothing to write
     for (int64_t c = 0; c < C; ++c) mean_out[c] = var_out[c] = Acc(0);
@@ -242,19 +250,19 @@ void train_forward_impl(const TrainForwardArgs& a) {
     const PlaneBlocks pb = plane_blocks(g);
     auto reduce = [&](int64_t c, int64_t b) -> Stats {
       const BlockRange r = block_range(pb, b);
-      Acc sum = 0;
+      R sum = 0;
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const auto* p = x + (n * C + c) * pb.S;
 #pragma omp simd reduction(+ : sum)
         for (int64_t s = r.s0; s < r.s1; ++s) sum += K::load(p[s]);
       }
-      const Acc mean = sum / Acc(r.size());
-      Acc m2 = 0;
+      const R mean = sum / R(r.size());
+      R m2 = 0;
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const auto* p = x + (n * C + c) * pb.S;
 #pragma omp simd reduction(+ : m2)
         for (int64_t s = r.s0; s < r.s1; ++s) {
-          const Acc d = K::load(p[s]) - mean;
+          const R d = R(K::load(p[s])) - mean;
           m2 += d * d;
         }
       }
@@ -268,26 +276,26 @@ void train_forward_impl(const TrainForwardArgs& a) {
   }
 
   const RowBlocks rb = row_blocks(g);
-  auto reduce = [&](int64_t b, Acc* __restrict__ mean, Acc* __restrict__ m2) {
+  auto reduce = [&](int64_t b, R* __restrict__ mean, R* __restrict__ m2) {
     const int64_t m0 = rb.begin(b), m1 = rb.end(b);
-    std::fill(mean, mean + C, Acc(0));
-    std::fill(m2, m2 + C, Acc(0));
+    std::fill(mean, mean + C, R(0));
+    std::fill(m2, m2 + C, R(0));
     for (int64_t m = m0; m < m1; ++m) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) mean[c] += K::load(x[m * C + c]);
     }
-    const Acc count = Acc(m1 - m0);
+    const R count = R(m1 - m0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) mean[c] /= count;
     for (int64_t m = m0; m < m1; ++m) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const Acc d = K::load(x[m * C + c]) - mean[c];
+        const R d = R(K::load(x[m * C + c])) - mean[c];
         m2[c] += d * d;
       }
     }
   };
-  auto merge_channel = [&](int64_t c, const Acc* mean, const Acc* m2) {
+  auto merge_channel = [&](int64_t c, const R* mean, const R* m2) {
     Stats total{0, 0, 0};
     for (int64_t b = 0; b < rb.count; ++b)
       total = merge_moments(total, Stats{double(rb.end(b) - rb.begin(b)), double(mean[b * C + c]), double(m2[b * C + c])});
@@ -296,7 +304,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
   auto apply = [&](int64_t b) {
     normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
   };
-  for_rows<Acc>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
+  for_rows<R>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,7 +321,7 @@ void eval_forward_impl(const EvalForwardArgs& a) {
   AffineTable<Acc> affine(C);
   const auto* mean = static_cast<const Acc*>(a.mean);
   const auto* var = static_cast<const Acc*>(a.var);
-  for (int64_t c = 0; c < C; ++c) affine.set(c, mean[c], inverse_std(var[c], Acc(a.eps)), a.weight, a.bias);
+  for (int64_t c = 0; c < C; ++c) affine.set(c, mean[c], Acc(inverse_std(double(var[c]), a.eps)), a.weight, a.bias);
 
   if (g.inner > 1) {
     const PlaneBlocks pb = plane_blocks(g);
@@ -344,6 +352,7 @@ template <Dtype D>
 void backward_impl(const BackwardArgs& a) {
   using K = Traits<D>;
   using Acc = typename K::acc;
+  using R = typename K::reduce;
   using T = typename K::storage;
   const auto* dy = static_cast<const T*>(a.grad_output);
   const auto* x = static_cast<const T*>(a.input);
@@ -354,7 +363,7 @@ void backward_impl(const BackwardArgs& a) {
   auto* grad_bias = static_cast<Acc*>(a.grad_bias);
   const Geometry& g = a.geometry;
   const int64_t C = g.channels;
-  const Acc count = Acc(g.outer * g.inner);
+  const int64_t count = g.outer * g.inner;
   GradCoefficients<Acc> coef(C);
   // The sums are needed for the parameter grads, and for dx only when training.
   const bool has_reduce = grad_weight || grad_bias || (dx && a.training);
@@ -364,11 +373,12 @@ void backward_impl(const BackwardArgs& a) {
     double dy, dy_xmu;
   };
   auto finish = [&](int64_t c, const Sums& s) {
-    const Acc invstd = inverse_std(var_in[c], Acc(a.eps));
-    if (grad_weight) grad_weight[c] = Acc(s.dy_xmu) * invstd;
+    // Per-channel maths in double: C values, free, and it keeps float32 grads as exact as torch's.
+    const double invstd = inverse_std(double(var_in[c]), a.eps);
+    if (grad_weight) grad_weight[c] = Acc(s.dy_xmu * invstd);
     if (grad_bias) grad_bias[c] = Acc(s.dy);
-    const auto k = input_grad_coefficients(invstd, param_or<Acc>(a.weight, c, Acc(1)), Acc(s.dy), Acc(s.dy_xmu),
-                                           count, a.training);
+    const auto k = input_grad_coefficients(invstd, double(param_or<Acc>(a.weight, c, Acc(1))), s.dy, s.dy_xmu,
+                                           double(count), a.training);
     coef.mean[c] = mean_in[c];
     coef.dy_scale[c] = k.dy_scale;
     coef.xmu_scale[c] = k.xmu_scale;
@@ -382,15 +392,15 @@ void backward_impl(const BackwardArgs& a) {
     const PlaneBlocks pb = plane_blocks(g);
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
       const BlockRange r = block_range(pb, b);
-      const Acc mean = mean_in[c];
-      Acc sum_dy = 0, sum_dy_xmu = 0;
+      const R mean = mean_in[c];
+      R sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const int64_t off = (n * C + c) * pb.S;
 #pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
         for (int64_t s = r.s0; s < r.s1; ++s) {
-          const Acc g_ = K::load(dy[off + s]);
+          const R g_ = K::load(dy[off + s]);
           sum_dy += g_;
-          sum_dy_xmu += g_ * (K::load(x[off + s]) - mean);
+          sum_dy_xmu += g_ * (R(K::load(x[off + s])) - mean);
         }
       }
       return {double(sum_dy), double(sum_dy_xmu)};
@@ -417,19 +427,19 @@ void backward_impl(const BackwardArgs& a) {
   }
 
   const RowBlocks rb = row_blocks(g);
-  auto reduce = [&](int64_t b, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {
-    std::fill(sum_dy, sum_dy + C, Acc(0));
-    std::fill(sum_dy_xmu, sum_dy_xmu + C, Acc(0));
+  auto reduce = [&](int64_t b, R* __restrict__ sum_dy, R* __restrict__ sum_dy_xmu) {
+    std::fill(sum_dy, sum_dy + C, R(0));
+    std::fill(sum_dy_xmu, sum_dy_xmu + C, R(0));
     for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const Acc g_ = K::load(dy[m * C + c]);
+        const R g_ = K::load(dy[m * C + c]);
         sum_dy[c] += g_;
-        sum_dy_xmu[c] += g_ * (K::load(x[m * C + c]) - mean_in[c]);
+        sum_dy_xmu[c] += g_ * (R(K::load(x[m * C + c])) - R(mean_in[c]));
       }
     }
   };
-  auto merge_channel = [&](int64_t c, const Acc* sum_dy, const Acc* sum_dy_xmu) {
+  auto merge_channel = [&](int64_t c, const R* sum_dy, const R* sum_dy_xmu) {
     Sums total{0, 0};
     for (int64_t b = 0; b < rb.count; ++b) {
       total.dy += double(sum_dy[b * C + c]);
@@ -448,7 +458,7 @@ void backward_impl(const BackwardArgs& a) {
         dx[m * C + c] = K::store(K::load(dy[m * C + c]) * ka[c] + (K::load(x[m * C + c]) - mean[c]) * kb[c] + kc[c]);
     }
   };
-  for_rows<Acc>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
+  for_rows<R>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
 }
 
 template <template <Dtype> class Fn, typename Args>

@@ -1,0 +1,82 @@
+"""Shared helpers: float64 references from torch itself, tolerances relative to torch's own error."""
+import pytest
+import torch
+
+import fastbn
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
+
+# Shapes over ranks 2D-5D with odd sizes: C=1, spatial=1, N=2, sizes that are not multiples of any
+# vector width, planes larger than one kernel block (4096) and many-row batches.
+SHAPES = [
+    (2, 1), (7, 3), (64, 17), (5, 130),
+    (2, 1, 1), (3, 5, 7), (4, 17, 33), (2, 3, 4500),
+    (2, 3, 1, 1), (5, 1, 3, 3), (3, 7, 5, 9), (4, 16, 9, 9), (80, 2, 8, 8), (2, 3, 70, 70),
+    (2, 3, 2, 3, 5), (2, 4, 3, 5, 7),
+]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def shape_layouts(shapes=SHAPES):
+    """(shape, layout) pairs that exist: channels_last only for 4D and 5D shapes."""
+    return [pytest.param(s, l, id=f"{shape_id(s)}-{l}") for s in shapes for l in LAYOUTS
+            if l != "channels_last" or len(s) in (4, 5)]
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def make_input(shape, dtype, layout, generator=None, scale=1.0, shift=0.0):
+    """A random input of `shape` stored in `layout`: contiguous, channels_last(_3d) (4D/5D only) or
+    'strided' (a non-contiguous view: every other element of a wider tensor)."""
+    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + shift
+    if layout == "channels_last":
+        assert len(shape) in (4, 5), "channels_last needs a 4D or 5D shape"
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return x.to(dtype).contiguous(memory_format=fmt)
+    if layout == "strided":
+        wide = torch.empty((*shape[:-1], shape[-1] * 2), dtype=dtype)
+        view = wide[..., ::2]
+        view.copy_(x)
+        assert not view.is_contiguous() or shape[-1] == 1
+        return view
+    return x.to(dtype)
+
+
+def param_dtype_for(dtype):
+    """Parameters as a mixed-precision user has them: float32 for half types, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def max_error(actual, reference):
+    return (actual.double() - reference.double()).abs().max().item() if actual.numel() else 0.0
+
+
+EPS = {torch.float64: 2.2e-16, torch.float32: 1.2e-7, torch.float16: 9.8e-4, torch.bfloat16: 7.8e-3}
+
+
+def assert_close_to_reference(actual, expected_torch, reference64, dtype, what=""):
+    """fastbn's error against the float64 reference may be at most twice torch's own error in the same
+    dtype, or 32 units in the last place of that dtype (relative to the values' magnitude). For float64
+    the reference is torch's float64 result itself, so sums over many values are held to 1e-11."""
+    assert actual.shape == reference64.shape, what
+    scale = max(1.0, reference64.abs().max().item()) if reference64.numel() else 1.0
+    ours, theirs = max_error(actual, reference64), max_error(expected_torch, reference64)
+    ulps = 32 * EPS[dtype] if dtype != torch.float64 else 1e-11
+    bound = max(2.0 * theirs, ulps * scale)
+    assert ours <= bound, f"{what}: fastbn error {ours:.3e} > bound {bound:.3e} (torch's error {theirs:.3e})"
+
+
+SIMD_PATHS = ["avx512", "avx2", "baseline"]
+
+
+@pytest.fixture(params=SIMD_PATHS)
+def simd(request):
+    """Runs a test on the kernels compiled for each instruction set this CPU supports."""
+    default = fastbn.build_info()["simd"]
+    if not fastbn._C.set_simd(request.param):
+        pytest.skip(f"this CPU has no {request.param} support")
+    yield request.param
+    fastbn._C.set_simd(default)

@@ -1,0 +1,149 @@
+"""fastbn.functional.batch_norm against torch's BatchNorm in float64, over dtypes x layouts x shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbn.functional import batch_norm
+from conftest import (DTYPE_IDS, DTYPES, assert_close_to_reference, make_input, param_dtype_for, shape_id,
+                      shape_layouts)
+
+
+def test_worked_example():
+    # The batch {1,2,3,4,5}: mean 3, biased variance 2.
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64).view(5, 1)
+    y = batch_norm(x, None, None, training=True, eps=0.0 + 1e-12)
+    expected = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64) / 2.0 ** 0.5
+    torch.testing.assert_close(y.flatten(), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(y.flatten()[:2], torch.tensor([-1.41421356, -0.70710678], dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+
+
+def _params(shape, dtype, affine, generator):
+    if not affine:
+        return None, None
+    C = shape[1]
+    pdt = param_dtype_for(dtype)
+    weight = (torch.rand(C, generator=generator, dtype=torch.float64) + 0.5).to(pdt)
+    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(pdt)
+    return weight, bias
+
+
+def _leaf(t, requires_grad=True):
+    return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(requires_grad) if t is not None else None
+
+
+def _as64(t):
+    return _leaf(t.detach().double()) if t is not None else None
+
+
+@pytest.mark.parametrize("shape, layout", shape_layouts())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_backward_against_torch(shape, layout, dtype, training):
+    g = torch.Generator().manual_seed(hash((shape, layout, str(dtype), training)) % 2**31)
+    x = make_input(shape, dtype, layout, g, scale=2.0, shift=0.5)
+    weight, bias = _params(shape, dtype, True, g)
+    C = shape[1]
+    stat_dtype = param_dtype_for(dtype)
+    running_mean = torch.randn(C, generator=g, dtype=torch.float64).to(stat_dtype)
+    running_var = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(stat_dtype)
+    grad = make_input(shape, dtype, layout, g)
+
+    def run(fn, x, weight, bias, rm, rv, grad):
+        x, weight, bias = _leaf(x), _leaf(weight), _leaf(bias)
+        y = fn(x, rm, rv, weight, bias, training=training, momentum=0.1, eps=1e-5)
+        y.backward(grad)
+        return y, x.grad, weight.grad, bias.grad, rm, rv
+
+    ours = run(batch_norm, x, weight, bias, running_mean.clone(), running_var.clone(), grad)
+    theirs = run(F.batch_norm, x, weight, bias, running_mean.clone(), running_var.clone(), grad)
+    ref = run(F.batch_norm, x.double(), _as64(weight), _as64(bias), running_mean.double(), running_var.double(),
+              grad.double())
+    names = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"]
+    for name, a, t, r in zip(names, ours, theirs, ref):
+        assert a.dtype == t.dtype, name
+        assert_close_to_reference(a, t, r, dtype, name)
+    # The output and grad_input keep the input's memory format (channels_last stays channels_last).
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        assert ours[0].is_contiguous(memory_format=fmt) and ours[1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("with_running", [True, False])
+def test_options_float64(affine, with_running):
+    g = torch.Generator().manual_seed(1)
+    x = make_input((6, 5, 4, 3), torch.float64, "contiguous", g)
+    weight, bias = _params(x.shape, torch.float64, affine, g)
+    stats = (torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)) if with_running else (None, None)
+    ref_stats = tuple(s.clone() if s is not None else None for s in stats)
+    for step in range(3):
+        xs = x + step
+        y = batch_norm(xs, *stats, weight, bias, training=True, momentum=0.3)
+        r = F.batch_norm(xs, *ref_stats, weight, bias, training=True, momentum=0.3)
+        torch.testing.assert_close(y, r, rtol=1e-12, atol=1e-12)
+    if with_running:
+        torch.testing.assert_close(stats[0], ref_stats[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats[1], ref_stats[1], rtol=1e-12, atol=1e-12)
+        y = batch_norm(x, *stats, weight, bias, training=False)
+        torch.testing.assert_close(y, F.batch_norm(x, *ref_stats, weight, bias, training=False), rtol=1e-12, atol=1e-12)
+
+
+def test_large_mean_small_variance_is_stable():
+    # E[x^2] - E[x]^2 in float32 would return garbage here (the variance is 1e-8 of the mean squared).
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(8, 4, 32, 32, generator=g, dtype=torch.float64) * 1e-2 + 1e2)
+    y = batch_norm(x.float(), None, None, training=True)
+    ref = F.batch_norm(x, None, None, training=True)
+    assert (y.double() - ref).abs().max().item() < 2e-3
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    _, m, v = torch.ops.fastbn.batch_norm_train(x.float(), None, None, 1e-5)
+    torch.testing.assert_close(m.double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v.double(), var, rtol=1e-3, atol=0)
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 2, 0, 1] = float("inf")
+    for training in (True, False):
+        ours = batch_norm(x, torch.zeros(3), torch.ones(3), training=training)
+        theirs = F.batch_norm(x, torch.zeros(3), torch.ones(3), training=training)
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.isinf(), theirs.isinf())
+        finite = theirs.isfinite()
+        torch.testing.assert_close(ours[finite], theirs[finite])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3), (4, 3, 0), (0, 2, 3, 3)], ids=shape_id)
+def test_empty_batches_behave_like_torch(shape):
+    C = shape[1]
+    for training in (True, False):
+        x = torch.randn(shape, requires_grad=True)
+        rm, rv = torch.randn(C), torch.rand(C) + 0.5
+        rm0, rv0 = rm.clone(), rv.clone()
+        y = batch_norm(x, rm, rv, torch.ones(C), torch.zeros(C), training=training)
+        ref = F.batch_norm(x, rm0.clone(), rv0.clone(), torch.ones(C), torch.zeros(C), training=training)
+        assert y.shape == ref.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_half_input_with_half_parameters():
+    g = torch.Generator().manual_seed(3)
+    x = make_input((4, 6, 5, 5), torch.float16, "contiguous", g)
+    w, b = torch.rand(6, generator=g).half() + 0.5, torch.randn(6, generator=g).half()
+    ours = batch_norm(x, None, None, w, b, training=True)
+    ref = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    theirs = F.batch_norm(x, None, None, w, b, training=True)
+    assert_close_to_reference(ours, theirs, ref, torch.float16, "output")
+
+
+def test_zero_channels_give_empty_output():
+    # torch's eval path raises IndexError here; fastbn returns the (empty) result in both modes.
+    x = torch.randn(4, 0, 5, requires_grad=True)
+    for training in (True, False):
+        y = batch_norm(x, torch.zeros(0), torch.ones(0), training=training)
+        assert y.shape == x.shape
+        y.sum().backward()

@@ -1,0 +1,85 @@
+"""Properties of the kernels themselves: every SIMD path is correct, results are bit-identical for
+any thread count, and the threading honours torch.set_num_threads."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbn.functional import batch_norm
+from conftest import DTYPE_IDS, DTYPES, assert_close_to_reference, make_input, shape_layouts
+
+ops = torch.ops.fastbn
+
+# One case per kernel path: planes split across threads (C small), planes per channel (C large),
+# planes with blocks along the spatial axis, rows (2D and channels_last), many tiny planes.
+PATH_SHAPES = [(64, 2, 24, 24), (8, 64, 7, 7), (2, 3, 80, 80), (300, 40), (3, 5, 2, 3, 4), (256, 7, 3)]
+
+
+def _all_ops(x, w, b, grad):
+    out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    eval_out = ops.batch_norm_eval(x, w, b, mean, var, 1e-5)
+    grads = ops.batch_norm_backward(grad, x, w, mean, var, 1e-5, True, [True, True, True])
+    eval_grads = ops.batch_norm_backward(grad, x, w, mean, var, 1e-5, False, [True, True, True])
+    return (out, mean, var, eval_out, *grads, *eval_grads)
+
+
+@pytest.mark.parametrize("shape, layout", shape_layouts(PATH_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_simd_paths_against_torch(simd, shape, layout, dtype):
+    g = torch.Generator().manual_seed(11)
+    x = make_input(shape, dtype, layout, g, scale=3.0, shift=-1.0)
+    grad = make_input(shape, dtype, layout, g)
+    C = shape[1]
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w, b = torch.rand(C, generator=g).to(pdt) + 0.5, torch.randn(C, generator=g).to(pdt)
+
+    def run(fn, x, w, b, grad):
+        x, w, b = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+        y = fn(x, None, None, w, b, training=True)
+        y.backward(grad)
+        return y, x.grad, w.grad, b.grad
+
+    ours, theirs = run(batch_norm, x, w, b, grad), run(F.batch_norm, x, w, b, grad)
+    ref = run(F.batch_norm, x.double(), w.double(), b.double(), grad.double())
+    for name, a, t, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, theirs, ref):
+        assert_close_to_reference(a, t, r, dtype, f"{simd} {name}")
+
+
+def _with_threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape, layout", shape_layouts(PATH_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bit_identical_for_any_thread_count(shape, layout, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = make_input(shape, dtype, layout, g, scale=2.0, shift=3.0)
+    grad = make_input(shape, dtype, layout, g)
+    C = shape[1]
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    one = _with_threads(1, lambda: _all_ops(x, w, b, grad))
+    for n in (2, 3):
+        many = _with_threads(n, lambda: _all_ops(x, w, b, grad))
+        for a, m in zip(one, many):
+            assert torch.equal(a, m)
+
+
+def test_honours_set_num_threads_in_new_python_threads():
+    # Raw OpenMP regions take their size from torch, so torch.set_num_threads applies in any thread.
+    x = torch.randn(64, 8, 32, 32)
+    results = {}
+
+    def work():
+        torch.set_num_threads(1)
+        results["one"] = ops.batch_norm_train(x, None, None, 1e-5)[0]
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert torch.equal(results["one"], ops.batch_norm_train(x, None, None, 1e-5)[0])
