@@ -76,18 +76,71 @@ struct Traits<Dtype::BFloat16> {
 constexpr int64_t kBlockElems = 4096;
 // Rows blocks are wider (the channel vector is the SIMD axis) and sit in L2.
 constexpr int64_t kRowBlockElems = 32768;
+constexpr int64_t kMaxRowsPerBlock = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Sums into kLanes independent accumulators, added up once at the end in a fixed order. Blocks are
+// made of many short runs (one plane each, often 49 or 196 values): a plain `omp simd reduction`
+// would pay a horizontal sum per run and serialize its adds on one register.
+constexpr int kLanes = 32;
+
+template <typename R>
+struct LaneSums {
+  R first[kLanes] = {}, second[kLanes] = {};
+
+  // Adds f(i) to the first sum for i in [0, n).
+  template <typename F>
+  void add(int64_t n, F f) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) first[j] += f(i + j);
+    }
+    for (int j = 0; i + j < n; ++j) first[j] += f(i + j);
+  }
+
+  // Adds f(i) to the first sum and g(i) to the second for i in [0, n).
+  template <typename F, typename G>
+  void add(int64_t n, F f, G g) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        first[j] += f(i + j);
+        second[j] += g(i + j);
+      }
+    }
+    for (int j = 0; i + j < n; ++j) {
+      first[j] += f(i + j);
+      second[j] += g(i + j);
+    }
+  }
+
+  static R total(const R* lanes) {
+    R sum = 0;
+    for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+    return sum;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
-// Planes layout [N][C][S], S > 1: one channel is N strided runs of S contiguous values. A block is
-// a rectangle of `rows` runs by `cols` values; together the blocks tile the channel.
+// Planes layout [N][C][S], S > 1: one channel is N runs of S contiguous values, C runs apart. A
+// block is a rectangle of `rows` runs by `cols` values of one channel; the blocks tile a channel.
+//
+// Every pass walks memory in order. The reduction visits blocks row-block by row-block and, within
+// one, channel by channel: the `rows` runs of consecutive channels are adjacent, so the hardware
+// prefetchers see `rows` sequential streams (hence rows is capped), while each block is small
+// enough to be revisited from L1 by its second pass. The elementwise pass then streams planes.
 struct PlaneBlocks {
   int64_t N, C, S;
-  int64_t rows, cols;          // block extent along N and along S
+  int64_t rows, cols;  // block extent along N and along S
   int64_t row_blocks, col_blocks;
   int64_t count() const { return row_blocks * col_blocks; }
 };
+
+constexpr int64_t kMaxStreams = 8;          // rows per block, unless the runs are tiny
+constexpr int64_t kMinBlockElems = 512;     // ... in which case blocks still get this many values
 
 PlaneBlocks plane_blocks(const Geometry& g) {
   PlaneBlocks pb{g.outer, g.channels, g.inner, 1, g.inner, 1, 1};
@@ -95,7 +148,7 @@ PlaneBlocks plane_blocks(const Geometry& g) {
     pb.col_blocks = ceil_div(g.inner, kBlockElems);
     pb.cols = ceil_div(g.inner, pb.col_blocks);
   } else {
-    pb.rows = std::max<int64_t>(1, kBlockElems / g.inner);
+    pb.rows = std::min(kBlockElems / g.inner, std::max(kMaxStreams, ceil_div(kMinBlockElems, g.inner)));
   }
   pb.row_blocks = std::max<int64_t>(1, ceil_div(g.outer, pb.rows));
   return pb;
@@ -111,36 +164,37 @@ BlockRange block_range(const PlaneBlocks& pb, int64_t b) {
   return {rb * pb.rows, std::min(pb.N, (rb + 1) * pb.rows), cb * pb.cols, std::min(pb.S, (cb + 1) * pb.cols)};
 }
 
-// Runs reduce(c, b) over every block of every channel, merges each channel's block results in
-// block order, hands them to finish(c, total), then runs apply(c, b) over every block. Channels
-// are spread over threads when there are enough of them (each channel's slice is then read from
-// DRAM once and revisited in cache); otherwise blocks are, so few channels still use all cores.
-template <typename Part, typename Reduce, typename Merge, typename Finish, typename Apply>
-void for_planes(const PlaneBlocks& pb, int num_threads, bool has_apply, Reduce reduce, Merge merge,
-                Finish finish, Apply apply) {
-  const int64_t C = pb.C, nb = pb.count();
-  if (num_threads == 1 || nb == 1 || C >= 4 * num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t c = 0; c < C; ++c) {
-      Part total = reduce(c, 0);
-      for (int64_t b = 1; b < nb; ++b) total = merge(total, reduce(c, b));
-      finish(c, total);
-      if (has_apply)
-        for (int64_t b = 0; b < nb; ++b) apply(c, b);
-    }
-    return;
-  }
+// Runs reduce(c, b) over every block of every channel (in memory order, spread over threads),
+// then per channel merges the block results in block order and hands the total to finish(c, t).
+template <typename Part, typename Reduce, typename Merge, typename Finish>
+void reduce_planes(const PlaneBlocks& pb, int num_threads, Reduce reduce, Merge merge, Finish finish) {
+  const int64_t C = pb.C, nb = pb.count(), cbs = pb.col_blocks;
   std::vector<Part> parts(C * nb);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < C * nb; ++i) parts[i] = reduce(i / nb, i % nb);
-  for (int64_t c = 0; c < C; ++c) {
-    Part total = parts[c * nb];
-    for (int64_t b = 1; b < nb; ++b) total = merge(total, parts[c * nb + b]);
-    finish(c, total);
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pb.row_blocks * C * cbs; ++t) {
+      const int64_t c = t / cbs % C, b = t / (C * cbs) * cbs + t % cbs;
+      parts[c * nb + b] = reduce(c, b);
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      Part total = parts[c * nb];
+      for (int64_t b = 1; b < nb; ++b) total = merge(total, parts[c * nb + b]);
+      finish(c, total);
+    }
   }
-  if (!has_apply) return;
+}
+
+// Runs fn(c, range) over every plane (long planes in chunks) in memory order.
+template <typename Fn>
+void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn) {
+  const int64_t S = g.inner, C = g.channels, chunks = ceil_div(S, kBlockElems), planes = g.outer * C;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < C * nb; ++i) apply(i / nb, i % nb);
+  for (int64_t i = 0; i < planes * chunks; ++i) {
+    const int64_t n = i / chunks / C, c = i / chunks % C, s0 = i % chunks * kBlockElems;
+    fn(c, BlockRange{n, n + 1, s0, std::min(S, s0 + kBlockElems)});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,8 +207,43 @@ struct RowBlocks {
 };
 
 RowBlocks row_blocks(const Geometry& g) {
-  const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, g.channels));
+  // Each channel's sum within a block is a chain of `rows` adds, so rows is capped for accuracy.
+  const int64_t rows = std::clamp<int64_t>(kRowBlockElems / std::max<int64_t>(1, g.channels), 1, kMaxRowsPerBlock);
   return {g.outer, g.channels, rows, std::max<int64_t>(1, ceil_div(g.outer, rows))};
+}
+
+// Per-channel sums over rows [m0, m1): acc[c] += f(m, c) (and acc2[c] += g(m, c)). Four rows are
+// added per trip, so the accumulators are loaded and stored a quarter as often.
+template <typename R, typename F>
+void add_rows(R* __restrict__ acc, int64_t m0, int64_t m1, int64_t C, F f) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += (f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c));
+  }
+  for (; m < m1; ++m) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += f(m, c);
+  }
+}
+
+template <typename R, typename F, typename G>
+void add_rows(R* __restrict__ acc, R* __restrict__ acc2, int64_t m0, int64_t m1, int64_t C, F f, G g) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += (f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c));
+      acc2[c] += (g(m, c) + g(m + 1, c)) + (g(m + 2, c) + g(m + 3, c));
+    }
+  }
+  for (; m < m1; ++m) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += f(m, c);
+      acc2[c] += g(m, c);
+    }
+  }
 }
 
 template <typename Part, typename Reduce, typename MergeChannel, typename Apply>
@@ -250,28 +339,28 @@ void train_forward_impl(const TrainForwardArgs& a) {
     const PlaneBlocks pb = plane_blocks(g);
     auto reduce = [&](int64_t c, int64_t b) -> Stats {
       const BlockRange r = block_range(pb, b);
-      R sum = 0;
+      const int64_t len = r.s1 - r.s0;
+      LaneSums<R> sum;
       for (int64_t n = r.n0; n < r.n1; ++n) {
-        const auto* p = x + (n * C + c) * pb.S;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = r.s0; s < r.s1; ++s) sum += K::load(p[s]);
+        const auto* p = x + (n * C + c) * pb.S + r.s0;
+        sum.add(len, [p](int64_t i) { return R(K::load(p[i])); });
       }
-      const R mean = sum / R(r.size());
-      R m2 = 0;
+      const R mean = LaneSums<R>::total(sum.first) / R(r.size());
+      LaneSums<R> m2;  // second pass over the block, now in L1
       for (int64_t n = r.n0; n < r.n1; ++n) {
-        const auto* p = x + (n * C + c) * pb.S;
-#pragma omp simd reduction(+ : m2)
-        for (int64_t s = r.s0; s < r.s1; ++s) {
-          const R d = R(K::load(p[s])) - mean;
-          m2 += d * d;
-        }
+        const auto* p = x + (n * C + c) * pb.S + r.s0;
+        m2.add(len, [p, mean](int64_t i) {
+          const R d = R(K::load(p[i])) - mean;
+          return d * d;
+        });
       }
-      return {double(r.size()), double(mean), double(m2)};
+      const R m2_total = LaneSums<R>::total(m2.first);
+      return {double(r.size()), double(mean), double(m2_total)};
     };
-    auto apply = [&](int64_t c, int64_t b) {
-      normalize_plane_block<D>(x, y, pb, block_range(pb, b), c, affine.mean[c], affine.scale[c], affine.bias[c]);
-    };
-    for_planes<Stats>(pb, a.num_threads, true, reduce, merge_moments<double>, finish, apply);
+    reduce_planes<Stats>(pb, a.num_threads, reduce, merge_moments<double>, finish);
+    for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
+      normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
+    });
     return;
   }
 
@@ -280,20 +369,14 @@ void train_forward_impl(const TrainForwardArgs& a) {
     const int64_t m0 = rb.begin(b), m1 = rb.end(b);
     std::fill(mean, mean + C, R(0));
     std::fill(m2, m2 + C, R(0));
-    for (int64_t m = m0; m < m1; ++m) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) mean[c] += K::load(x[m * C + c]);
-    }
+    add_rows(mean, m0, m1, C, [x, C](int64_t m, int64_t c) { return R(K::load(x[m * C + c])); });
     const R count = R(m1 - m0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) mean[c] /= count;
-    for (int64_t m = m0; m < m1; ++m) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const R d = R(K::load(x[m * C + c])) - mean[c];
-        m2[c] += d * d;
-      }
-    }
+    add_rows(m2, m0, m1, C, [x, C, mean](int64_t m, int64_t c) {
+      const R d = R(K::load(x[m * C + c])) - mean[c];
+      return d * d;
+    });
   };
   auto merge_channel = [&](int64_t c, const R* mean, const R* m2) {
     Stats total{0, 0, 0};
@@ -325,12 +408,9 @@ void eval_forward_impl(const EvalForwardArgs& a) {
 
   if (g.inner > 1) {
     const PlaneBlocks pb = plane_blocks(g);
-    const int64_t nb = pb.count();
-#pragma omp parallel for num_threads(a.num_threads) schedule(static)
-    for (int64_t i = 0; i < C * nb; ++i) {
-      const int64_t c = i / nb;
-      normalize_plane_block<D>(x, y, pb, block_range(pb, i % nb), c, affine.mean[c], affine.scale[c], affine.bias[c]);
-    }
+    for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
+      normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
+    });
     return;
   }
   const RowBlocks rb = row_blocks(g);
@@ -393,21 +473,20 @@ void backward_impl(const BackwardArgs& a) {
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
       const BlockRange r = block_range(pb, b);
       const R mean = mean_in[c];
-      R sum_dy = 0, sum_dy_xmu = 0;
+      const int64_t len = r.s1 - r.s0;
+      LaneSums<R> sums;  // first: sum(dy), second: sum(dy * (x - mean))
       for (int64_t n = r.n0; n < r.n1; ++n) {
-        const int64_t off = (n * C + c) * pb.S;
-#pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
-        for (int64_t s = r.s0; s < r.s1; ++s) {
-          const R g_ = K::load(dy[off + s]);
-          sum_dy += g_;
-          sum_dy_xmu += g_ * (R(K::load(x[off + s])) - mean);
-        }
+        const int64_t off = (n * C + c) * pb.S + r.s0;
+        const T* __restrict__ g = dy + off;
+        const T* __restrict__ p = x + off;
+        sums.add(
+            len, [g](int64_t i) { return R(K::load(g[i])); },
+            [g, p, mean](int64_t i) { return R(K::load(g[i])) * (R(K::load(p[i])) - mean); });
       }
-      return {double(sum_dy), double(sum_dy_xmu)};
+      return {double(LaneSums<R>::total(sums.first)), double(LaneSums<R>::total(sums.second))};
     };
     auto merge = [](const Sums& l, const Sums& r) { return Sums{l.dy + r.dy, l.dy_xmu + r.dy_xmu}; };
-    auto apply = [&](int64_t c, int64_t b) {
-      const BlockRange r = block_range(pb, b);
+    auto apply_range = [&](int64_t c, const BlockRange& r) {
       const Acc mean = coef.mean[c], ka = coef.dy_scale[c], kb = coef.xmu_scale[c], kc = coef.shift[c];
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const int64_t off = (n * C + c) * pb.S;
@@ -416,13 +495,8 @@ void backward_impl(const BackwardArgs& a) {
           dx[off + s] = K::store(K::load(dy[off + s]) * ka + (K::load(x[off + s]) - mean) * kb + kc);
       }
     };
-    if (has_reduce) {
-      for_planes<Sums>(pb, a.num_threads, has_apply, reduce, merge, finish, apply);
-    } else {
-      const int64_t nb = pb.count();
-#pragma omp parallel for num_threads(a.num_threads) schedule(static)
-      for (int64_t i = 0; i < C * nb; ++i) apply(i / nb, i % nb);
-    }
+    if (has_reduce) reduce_planes<Sums>(pb, a.num_threads, reduce, merge, finish);
+    if (has_apply) for_planes_in_memory_order(g, a.num_threads, apply_range);
     return;
   }
 
@@ -430,14 +504,11 @@ void backward_impl(const BackwardArgs& a) {
   auto reduce = [&](int64_t b, R* __restrict__ sum_dy, R* __restrict__ sum_dy_xmu) {
     std::fill(sum_dy, sum_dy + C, R(0));
     std::fill(sum_dy_xmu, sum_dy_xmu + C, R(0));
-    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const R g_ = K::load(dy[m * C + c]);
-        sum_dy[c] += g_;
-        sum_dy_xmu[c] += g_ * (R(K::load(x[m * C + c])) - R(mean_in[c]));
-      }
-    }
+    add_rows(
+        sum_dy, sum_dy_xmu, rb.begin(b), rb.end(b), C, [dy, C](int64_t m, int64_t c) { return R(K::load(dy[m * C + c])); },
+        [dy, x, C, mean_in](int64_t m, int64_t c) {
+          return R(K::load(dy[m * C + c])) * (R(K::load(x[m * C + c])) - R(mean_in[c]));
+        });
   };
   auto merge_channel = [&](int64_t c, const R* sum_dy, const R* sum_dy_xmu) {
     Sums total{0, 0};
