@@ -7,6 +7,7 @@ last-level cache is written first), and the table shows medians and the speed-up
     python bench/quick.py [--threads N] [--reps 15] [--dtype float32|bfloat16|float16|float64]
 """
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -24,6 +25,18 @@ CASES = [  # (label, shape, memory format)
     ("bn1d 2048x768", (2048, 768), torch.contiguous_format),
 ]
 IMPLS = {"torch": F.batch_norm, "fastbn": FB.batch_norm}
+
+
+def keep_freed_memory():
+    """Tells glibc to keep freed blocks instead of returning them to the OS. Otherwise every new
+    output over the mmap threshold is fresh pages, and its page faults (~1 us per 4 KB page on
+    these VMs, ~3 ms for 12.8 MB) swamp the kernels being compared; both sides allocate alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # never trim the heap; never serve a block by mmap
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class CacheFlusher:
@@ -78,13 +91,17 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="leave glibc's default policy: outputs then come as new pages, page faults included")
     args = p.parse_args()
+    reused = not args.fresh_pages and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     info = fastbn.build_info()
     print(f"fastbn {info['version']} (simd={info['simd']}, openmp={info['openmp']}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} cold-cache calls")
+          f"{torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} cold-cache calls, "
+          f"{'freed memory reused' if reused else 'outputs on fresh pages'}")
     flush = CacheFlusher()
     header = f"{'case':<22} {'op':<14} {'torch ms':>9} {'fastbn ms':>10} {'speed-up':>9}"
     print(header)
