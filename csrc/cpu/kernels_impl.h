@@ -13,14 +13,20 @@
 #ifndef FASTBN_ISA
 #error "define FASTBN_ISA (the namespace of this instruction set) before including kernels_impl.h"
 #endif
+#ifndef FASTBN_VECTOR_BYTES  // the instruction set's vector register size
+#define FASTBN_VECTOR_BYTES 16
+#endif
+
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../batch_norm_math.h"
 #include "convert.h"
 #include "kernels.h"
+
 
 // Everything below is compiled for FASTBN_ISA_TARGET (the inline helpers above are compiled for
 // the baseline and inlined into it, which GCC allows since the target is a superset).
@@ -80,48 +86,75 @@ constexpr int64_t kMaxRowsPerBlock = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Sums into kLanes independent accumulators, added up once at the end in a fixed order. Blocks are
-// made of many short runs (one plane each, often 49 or 196 values): a plain `omp simd reduction`
-// would pay a horizontal sum per run and serialize its adds on one register.
-constexpr int kLanes = 32;
-
+// Two sums accumulated in four vector registers each (four independent add chains), added up
+// once at the end in a fixed order. Blocks are made of many short runs (one plane each, often 49
+// or 196 values): a plain `omp simd reduction` would pay a horizontal sum per run and serialize
+// its adds on one register. Values are produced by a vectorized loop into a small aligned array
+// (GCC keeps it in registers) and added as GCC vector-extension types, which never spill.
 template <typename R>
 struct LaneSums {
-  R first[kLanes] = {}, second[kLanes] = {};
+  typedef R Vector __attribute__((vector_size(FASTBN_VECTOR_BYTES)));
+  static constexpr int kWidth = FASTBN_VECTOR_BYTES / sizeof(R);
+  static constexpr int kStep = 4 * kWidth;
+  Vector a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+  R a_tail = 0, b_tail = 0;
+
+  static Vector load(const R* p) {
+    Vector v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
 
   // Adds f(i) to the first sum for i in [0, n).
   template <typename F>
   void add(int64_t n, F f) {
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
+    for (; i + kStep <= n; i += kStep) {
+      alignas(FASTBN_VECTOR_BYTES) R v[kStep];
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) first[j] += f(i + j);
+      for (int j = 0; j < kStep; ++j) v[j] = f(i + j);
+      a0 += load(v);
+      a1 += load(v + kWidth);
+      a2 += load(v + 2 * kWidth);
+      a3 += load(v + 3 * kWidth);
     }
-    for (int j = 0; i + j < n; ++j) first[j] += f(i + j);
+    for (; i < n; ++i) a_tail += f(i);
   }
 
   // Adds f(i) to the first sum and g(i) to the second for i in [0, n).
   template <typename F, typename G>
   void add(int64_t n, F f, G g) {
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
+    for (; i + kStep <= n; i += kStep) {
+      alignas(FASTBN_VECTOR_BYTES) R v[kStep], w[kStep];
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) {
-        first[j] += f(i + j);
-        second[j] += g(i + j);
+      for (int j = 0; j < kStep; ++j) {
+        v[j] = f(i + j);
+        w[j] = g(i + j);
       }
+      a0 += load(v);
+      a1 += load(v + kWidth);
+      a2 += load(v + 2 * kWidth);
+      a3 += load(v + 3 * kWidth);
+      b0 += load(w);
+      b1 += load(w + kWidth);
+      b2 += load(w + 2 * kWidth);
+      b3 += load(w + 3 * kWidth);
     }
-    for (int j = 0; i + j < n; ++j) {
-      first[j] += f(i + j);
-      second[j] += g(i + j);
+    for (; i < n; ++i) {
+      a_tail += f(i);
+      b_tail += g(i);
     }
   }
 
-  static R total(const R* lanes) {
+  static R horizontal(const Vector& v0, const Vector& v1, const Vector& v2, const Vector& v3, R tail) {
+    const Vector v = (v0 + v1) + (v2 + v3);
     R sum = 0;
-    for (int j = 0; j < kLanes; ++j) sum += lanes[j];
-    return sum;
+    for (int j = 0; j < kWidth; ++j) sum += v[j];
+    return sum + tail;
   }
+  R first() const { return horizontal(a0, a1, a2, a3, a_tail); }
+  R second() const { return horizontal(b0, b1, b2, b3, b_tail); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -345,7 +378,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
         const auto* p = x + (n * C + c) * pb.S + r.s0;
         sum.add(len, [p](int64_t i) { return R(K::load(p[i])); });
       }
-      const R mean = LaneSums<R>::total(sum.first) / R(r.size());
+      const R mean = sum.first() / R(r.size());
       LaneSums<R> m2;  // second pass over the block, now in L1
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const auto* p = x + (n * C + c) * pb.S + r.s0;
@@ -354,7 +387,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
           return d * d;
         });
       }
-      const R m2_total = LaneSums<R>::total(m2.first);
+      const R m2_total = m2.first();
       return {double(r.size()), double(mean), double(m2_total)};
     };
     reduce_planes<Stats>(pb, a.num_threads, reduce, merge_moments<double>, finish);
@@ -483,7 +516,7 @@ void backward_impl(const BackwardArgs& a) {
             len, [g](int64_t i) { return R(K::load(g[i])); },
             [g, p, mean](int64_t i) { return R(K::load(g[i])) * (R(K::load(p[i])) - mean); });
       }
-      return {double(LaneSums<R>::total(sums.first)), double(LaneSums<R>::total(sums.second))};
+      return {double(sums.first()), double(sums.second())};
     };
     auto merge = [](const Sums& l, const Sums& r) { return Sums{l.dy + r.dy, l.dy_xmu + r.dy_xmu}; };
     auto apply_range = [&](int64_t c, const BlockRange& r) {
