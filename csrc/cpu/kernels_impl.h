@@ -246,13 +246,15 @@ RowBlocks row_blocks(const Geometry& g) {
 }
 
 // Per-channel sums over rows [m0, m1): acc[c] += f(m, c) (and acc2[c] += g(m, c)). Four rows are
-// added per trip, so the accumulators are loaded and stored a quarter as often.
+// added per trip, so the accumulators are loaded and stored a quarter as often; the four values
+// are added in f's own type (float for plain float32 loads: three roundings of a 4-term sum, then
+// accumulated in R, which keeps float32 sums as exact as torch's while halving the conversions).
 template <typename R, typename F>
 void add_rows(R* __restrict__ acc, int64_t m0, int64_t m1, int64_t C, F f) {
   int64_t m = m0;
   for (; m + 4 <= m1; m += 4) {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += (f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c));
+    for (int64_t c = 0; c < C; ++c) acc[c] += R((f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c)));
   }
   for (; m < m1; ++m) {
 #pragma omp simd
@@ -266,8 +268,8 @@ void add_rows(R* __restrict__ acc, R* __restrict__ acc2, int64_t m0, int64_t m1,
   for (; m + 4 <= m1; m += 4) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      acc[c] += (f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c));
-      acc2[c] += (g(m, c) + g(m + 1, c)) + (g(m + 2, c) + g(m + 3, c));
+      acc[c] += R((f(m, c) + f(m + 1, c)) + (f(m + 2, c) + f(m + 3, c)));
+      acc2[c] += R((g(m, c) + g(m + 1, c)) + (g(m + 2, c) + g(m + 3, c)));
     }
   }
   for (; m < m1; ++m) {
@@ -402,7 +404,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
     const int64_t m0 = rb.begin(b), m1 = rb.end(b);
     std::fill(mean, mean + C, R(0));
     std::fill(m2, m2 + C, R(0));
-    add_rows(mean, m0, m1, C, [x, C](int64_t m, int64_t c) { return R(K::load(x[m * C + c])); });
+    add_rows(mean, m0, m1, C, [x, C](int64_t m, int64_t c) { return K::load(x[m * C + c]); });
     const R count = R(m1 - m0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) mean[c] /= count;
@@ -538,9 +540,10 @@ void backward_impl(const BackwardArgs& a) {
     std::fill(sum_dy, sum_dy + C, R(0));
     std::fill(sum_dy_xmu, sum_dy_xmu + C, R(0));
     add_rows(
-        sum_dy, sum_dy_xmu, rb.begin(b), rb.end(b), C, [dy, C](int64_t m, int64_t c) { return R(K::load(dy[m * C + c])); },
+        sum_dy, sum_dy_xmu, rb.begin(b), rb.end(b), C, [dy, C](int64_t m, int64_t c) { return K::load(dy[m * C + c]); },
         [dy, x, C, mean_in](int64_t m, int64_t c) {
-          return R(K::load(dy[m * C + c])) * (R(K::load(x[m * C + c])) - R(mean_in[c]));
+          // In Acc: mean_in is already rounded to Acc, so x - mean rounds once, as torch's does.
+          return K::load(dy[m * C + c]) * (K::load(x[m * C + c]) - mean_in[c]);
         });
   };
   auto merge_channel = [&](int64_t c, const R* sum_dy, const R* sum_dy_xmu) {
