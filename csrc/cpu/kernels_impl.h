@@ -163,7 +163,7 @@ struct LaneSums {
 //
 // Every pass walks memory in order. The reduction visits blocks row-block by row-block and, within
 // one, channel by channel: the `rows` runs of consecutive channels are adjacent, so the hardware
-// prefetchers see `rows` sequential streams (hence rows is capped), while each block is small
+// prefetchers see `rows` sequential streams (hence rows is small), while each block is small
 // enough to be revisited from L1 by its second pass. The elementwise pass then streams planes.
 struct PlaneBlocks {
   int64_t N, C, S;
@@ -172,8 +172,11 @@ struct PlaneBlocks {
   int64_t count() const { return row_blocks * col_blocks; }
 };
 
-constexpr int64_t kMaxStreams = 8;          // rows per block, unless the runs are tiny
-constexpr int64_t kMinBlockElems = 512;     // ... in which case blocks still get this many values
+// Rows per block: 2, unless the runs are so short that a block would have fewer than 256 values.
+// Every row is one more concurrent stream for the prefetchers (two tensors' worth in the
+// backward); measured with 8 rows the backward was 25-30% slower on 14x14 and 7x7 planes.
+constexpr int64_t kMaxStreams = 2;
+constexpr int64_t kMinBlockElems = 256;
 
 PlaneBlocks plane_blocks(const Geometry& g) {
   PlaneBlocks pb{g.outer, g.channels, g.inner, 1, g.inner, 1, 1};
