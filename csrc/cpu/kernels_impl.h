@@ -233,48 +233,6 @@ void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn) {
   }
 }
 
-// A reduction followed by an elementwise pass that needs its result (training forward, backward).
-// Threads take groups of consecutive channels whose data (every tensor touched) fills a share of
-// the last-level cache, and run both passes on one group before the next: the second pass then
-// re-reads the group from cache rather than DRAM, while for each n the group's planes still form
-// one long contiguous run for the prefetchers. On the 2-core dev VM (32 MB L3), 4 MB groups took
-// 10-15% off the backward compared with two whole-tensor passes (bench notes in the README).
-// With too few groups to share out (few or huge channels) the passes run over the whole tensor one
-// after the other. Blocks and merge order are the same on both paths, and so are the results.
-constexpr int64_t kGroupBytes = 4 << 20;
-
-template <typename Part, typename Reduce, typename Merge, typename Finish, typename Apply>
-void reduce_then_apply_planes(const PlaneBlocks& pb, const Geometry& g, int num_threads, int64_t bytes_per_value,
-                              bool has_apply, Reduce reduce, Merge merge, Finish finish, Apply apply) {
-  const int64_t C = pb.C, nb = pb.count(), cbs = pb.col_blocks;
-  const int64_t channel_bytes = pb.N * pb.S * bytes_per_value;
-  const int64_t group = channel_bytes > 0 ? kGroupBytes / channel_bytes : 0;
-  if (group == 0 || ceil_div(C, group) < 2 * num_threads) {
-    reduce_planes<Part>(pb, num_threads, reduce, merge, finish);
-    if (has_apply) for_planes_in_memory_order(g, num_threads, apply);
-    return;
-  }
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<Part> parts(group * nb);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c0 = 0; c0 < C; c0 += group) {
-      const int64_t c1 = std::min(C, c0 + group);
-      for (int64_t rb = 0; rb < pb.row_blocks; ++rb)
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t cb = 0; cb < cbs; ++cb) parts[(c - c0) * nb + rb * cbs + cb] = reduce(c, rb * cbs + cb);
-      for (int64_t c = c0; c < c1; ++c) {
-        Part total = parts[(c - c0) * nb];
-        for (int64_t b = 1; b < nb; ++b) total = merge(total, parts[(c - c0) * nb + b]);
-        finish(c, total);
-      }
-      if (has_apply)
-        for (int64_t n = 0; n < pb.N; ++n)
-          for (int64_t c = c0; c < c1; ++c) apply(c, BlockRange{n, n + 1, 0, pb.S});
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Rows layout [M][C] (inner == 1): the channel index is the contiguous, vectorized axis. A block is
 // a run of whole rows; each block writes two per-channel partials, merged per channel in order.
@@ -437,11 +395,10 @@ void train_forward_impl(const TrainForwardArgs& a) {
       const R m2_total = m2.first();
       return {double(r.size()), double(mean), double(m2_total)};
     };
-    auto apply = [&](int64_t c, const BlockRange& r) {
+    reduce_planes<Stats>(pb, a.num_threads, reduce, merge_moments<double>, finish);
+    for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
       normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
-    };
-    reduce_then_apply_planes<Stats>(pb, g, a.num_threads, 2 * sizeof(typename K::storage), true, reduce,
-                                    merge_moments<double>, finish, apply);
+    });
     return;
   }
 
@@ -576,10 +533,8 @@ void backward_impl(const BackwardArgs& a) {
           dx[off + s] = K::store(K::load(dy[off + s]) * ka + (K::load(x[off + s]) - mean) * kb + kc);
       }
     };
-    if (has_reduce)
-      reduce_then_apply_planes<Sums>(pb, g, a.num_threads, 3 * sizeof(T), has_apply, reduce, merge, finish, apply_range);
-    else if (has_apply)
-      for_planes_in_memory_order(g, a.num_threads, apply_range);
+    if (has_reduce) reduce_planes<Sums>(pb, a.num_threads, reduce, merge, finish);
+    if (has_apply) for_planes_in_memory_order(g, a.num_threads, apply_range);
     return;
   }
 
