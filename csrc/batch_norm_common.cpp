@@ -1,5 +1,7 @@
 #include "batch_norm_common.h"
 
+#include <ATen/Dispatch.h>
+
 namespace fastbn {
 
 void check_input(const at::Tensor& input) {
@@ -63,17 +65,44 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
               "update_running_stats: momentum=None (cumulative average) needs num_batches_tracked");
   TORCH_CHECK(count != 1, "Expected more than 1 value per channel when training");
   TORCH_CHECK(count >= 0, "update_running_stats: count must be non-negative, got ", count);
+  for (const at::Tensor* t : {&running_var, &mean, &var})
+    TORCH_CHECK(t->device() == running_mean.device(), "update_running_stats: tensors on ", running_mean.device(),
+                " and ", t->device());
+  TORCH_CHECK(!has_counter || num_batches_tracked->device() == running_mean.device(),
+              "update_running_stats: num_batches_tracked is on ", num_batches_tracked->device());
 
   // Checks are done: from here on nothing can fail half way.
   if (has_counter) num_batches_tracked->add_(1);
   if (count == 0) return;  // an empty batch has no statistics (torch leaves the running ones alone)
+  const double bessel = double(count) / double(count - 1);
+
+  const auto stat_type = running_mean.scalar_type();
+  const bool plain_type = stat_type == at::kFloat || stat_type == at::kDouble || stat_type == at::kHalf ||
+                          stat_type == at::kBFloat16;
+  if (running_mean.is_cpu() && plain_type && running_var.scalar_type() == stat_type &&
+      running_mean.is_contiguous() && running_var.is_contiguous()) {
+    // A plain loop: a dozen small ATen ops would cost ~10 us per layer and step.
+    const double f = momentum.has_value() ? *momentum : 1.0 / double(num_batches_tracked->item<int64_t>());
+    const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
+    const double* pm = m.const_data_ptr<double>();
+    const double* pv = v.const_data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "update_running_stats", [&] {
+      scalar_t* rm = running_mean.data_ptr<scalar_t>();
+      scalar_t* rv = running_var.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < channels; ++c) {
+        rm[c] = scalar_t((1.0 - f) * double(rm[c]) + f * pm[c]);
+        rv[c] = scalar_t((1.0 - f) * double(rv[c]) + f * pv[c] * bessel);
+      }
+    });
+    return;
+  }
 
   // The factor stays a tensor so that no value is read back to the host (CUDA graphs, no sync).
   at::Tensor factor = momentum.has_value()
                           ? at::scalar_tensor(*momentum, running_mean.options().dtype(at::kDouble))
                           : num_batches_tracked->to(at::kDouble).reciprocal();
   const auto as_double = [&](const at::Tensor& t) { return t.reshape(running_mean.sizes()).to(at::kDouble); };
-  const at::Tensor unbiased = as_double(var) * (double(count) / double(count - 1));
+  const at::Tensor unbiased = as_double(var) * bessel;
   running_mean.copy_(at::lerp(running_mean.to(at::kDouble), as_double(mean), factor));
   running_var.copy_(at::lerp(running_var.to(at::kDouble), unbiased, factor));
 }

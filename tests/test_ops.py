@@ -85,3 +85,21 @@ def test_torch_compile_fullgraph_train_and_eval():
     eager.eval()
     compiled_model.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["cpu-loop", "aten-path"])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_update_running_stats_against_hand_computed(contiguous, momentum):
+    # Strided running stats take the device-generic ATen path, contiguous ones the CPU loop.
+    mean = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    var = torch.tensor([0.5, 1.5, 2.0, 0.25], dtype=torch.float64)
+    if contiguous:
+        running_mean, running_var = torch.zeros(4), torch.ones(4)
+    else:
+        running_mean, running_var = torch.zeros(8)[::2], torch.ones(8)[::2]
+    counter = torch.tensor(1)
+    ops.update_running_stats(running_mean, running_var, counter, mean, var, momentum, 10)
+    factor = 0.3 if momentum is not None else 0.5  # cumulative average: 1 / (1 + 1)
+    torch.testing.assert_close(running_mean, (factor * mean).float())
+    torch.testing.assert_close(running_var, ((1 - factor) + factor * var * 10 / 9).float())
+    assert int(counter) == 2
