@@ -8,14 +8,19 @@ last-level cache is written first), and the table shows medians and the speed-up
 """
 import argparse
 import ctypes
+import os
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
+# numpy's OpenBLAS (imported by torch) starts a thread per core that competes for the CPUs being
+# measured; nothing here uses BLAS. Must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import fastbn
-import fastbn.functional as FB
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastbn  # noqa: E402
+import fastbn.functional as FB  # noqa: E402
 
 CASES = [  # (label, shape, memory format)
     ("resnet 16x256x28x28", (16, 256, 28, 28), torch.contiguous_format),
