@@ -9,14 +9,14 @@
 //
 // Numerics: blocks are small enough to stay in L1/L2, so each block takes its mean first and then
 // sum((x - mean)^2) in a second pass over cached data (exact two-pass variance); blocks are
-// merged in double with Chan's formula. fp16/bf16 accumulate in float, float64 in double.
+// merged in double with Chan's formula. Sums accumulate in double for float32 and float64 input,
+// in float for float16/bfloat16.
 #ifndef FASTBN_ISA
 #error "define FASTBN_ISA (the namespace of this instruction set) before including kernels_impl.h"
 #endif
 #ifndef FASTBN_VECTOR_BYTES  // the instruction set's vector register size
 #define FASTBN_VECTOR_BYTES 16
 #endif
-
 
 #include <algorithm>
 #include <cstdint>
@@ -26,7 +26,6 @@
 #include "../batch_norm_math.h"
 #include "convert.h"
 #include "kernels.h"
-
 
 // Everything below is compiled for FASTBN_ISA_TARGET (the inline helpers above are compiled for
 // the baseline and inlined into it, which GCC allows since the target is a superset).
@@ -78,7 +77,7 @@ struct Traits<Dtype::BFloat16> {
   static storage store(acc v) { return float_to_bfloat16(v); }
 };
 
-// About 4096 values per block: 16 KB of fp32, so a block's second pass reads L1.
+// At most 4096 values per planes block (16 KB of fp32), so a block's second pass reads L1.
 constexpr int64_t kBlockElems = 4096;
 // Rows blocks are wider (the channel vector is the SIMD axis) and sit in L2.
 constexpr int64_t kRowBlockElems = 32768;
@@ -346,7 +345,7 @@ struct AffineTable {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Training forward: batch statistics, then normalize and affine, in one sweep per channel.
+// Training forward: a blocked pass for the batch statistics, then one normalize-and-affine pass.
 template <Dtype D>
 void train_forward_impl(const TrainForwardArgs& a) {
   using K = Traits<D>;
@@ -458,8 +457,8 @@ void eval_forward_impl(const EvalForwardArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: per channel sum(dy) and sum(dy * (x - mean)) in one pass, then
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift in a second pass over (cached) data.
+// Backward: per channel sum(dy) and sum(dy * (x - mean)) in one blocked pass, then
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift in a second, elementwise pass.
 template <typename Acc>
 struct GradCoefficients {
   std::vector<Acc> mean, dy_scale, xmu_scale, shift;
@@ -515,11 +514,11 @@ void backward_impl(const BackwardArgs& a) {
       LaneSums<R> sums;  // first: sum(dy), second: sum(dy * (x - mean))
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const int64_t off = (n * C + c) * pb.S + r.s0;
-        const T* __restrict__ g = dy + off;
-        const T* __restrict__ p = x + off;
+        const T* __restrict__ gy = dy + off;
+        const T* __restrict__ px = x + off;
         sums.add(
-            len, [g](int64_t i) { return R(K::load(g[i])); },
-            [g, p, mean](int64_t i) { return R(K::load(g[i])) * (R(K::load(p[i])) - mean); });
+            len, [gy](int64_t i) { return R(K::load(gy[i])); },
+            [gy, px, mean](int64_t i) { return R(K::load(gy[i])) * (R(K::load(px[i])) - mean); });
       }
       return {double(sums.first()), double(sums.second())};
     };
