@@ -6,7 +6,11 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fastbn)
 
-ops = torch.ops.fastbn
+# The overloads themselves: calling them skips the OpOverloadPacket's per-call overload lookup.
+batch_norm_train = torch.ops.fastbn.batch_norm_train.default
+batch_norm_eval = torch.ops.fastbn.batch_norm_eval.default
+batch_norm_backward = torch.ops.fastbn.batch_norm_backward.default
+update_running_stats = torch.ops.fastbn.update_running_stats.default
 
 
 def acc_dtype(dtype):
@@ -84,7 +88,7 @@ def _train_setup_context(ctx, inputs, output):
 def _train_backward(ctx, grad_output, grad_mean, grad_var):
     input, weight, mean, var = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    grads = ops.batch_norm_backward(grad_output, input, weight, mean, var, ctx.eps, True, mask)
+    grads = batch_norm_backward(grad_output, input, weight, mean, var, ctx.eps, True, mask)
     return (*_param_grads(ctx, *grads), None)
 
 
@@ -98,7 +102,7 @@ def _eval_setup_context(ctx, inputs, output):
 def _eval_backward(ctx, grad_output):
     input, weight, running_mean, running_var = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    grads = ops.batch_norm_backward(grad_output, input, weight, running_mean, running_var, ctx.eps, False, mask)
+    grads = batch_norm_backward(grad_output, input, weight, running_mean, running_var, ctx.eps, False, mask)
     return (*_param_grads(ctx, *grads), None, None, None)
 
 

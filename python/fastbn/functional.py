@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ._ops import ops
+from ._ops import batch_norm_eval, batch_norm_train, update_running_stats
 
 __all__ = ["batch_norm"]
 
@@ -39,11 +39,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
-        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+        return batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
 
-    output, mean, var = ops.batch_norm_train(input, weight, bias, eps)
+    output, mean, var = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
         count = input.shape[0] * math.prod(input.shape[2:])
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
-                                 momentum, count)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), momentum,
+                             count)
     return output
