@@ -57,8 +57,11 @@ class CacheFlusher:
 def make_step(fn, op, x, weight, bias, rm, rv, grad):
     if op == "train_fwd":
         return lambda: fn(x, rm, rv, weight, bias, training=True)
-    if op == "eval_fwd":
-        return lambda: fn(x, rm, rv, weight, bias, training=False)
+    if op == "eval_fwd":  # inference, as models are run for it: without autograd
+        def eval_fwd():
+            with torch.inference_mode():
+                fn(x, rm, rv, weight, bias, training=False)
+        return eval_fwd
 
     def fwd_bwd():
         xg = x.detach().requires_grad_()

@@ -2,7 +2,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 
 #include "kernels.h"
 
@@ -32,10 +31,20 @@ const KernelTable* table_named(const char* simd) {
   return &kernels_baseline();
 }
 
+// The kernels are memory-bound, so wider vectors buy nothing once a core saturates its bandwidth.
+// AMD's Zen 4 runs AVX-512 as two 256-bit halves, and on it the AVX2 kernels measured equal or up to
+// 5-10% faster (fewer cache-line-splitting accesses on unaligned planes), so AMD gets AVX2 first.
 const KernelTable* best_table() {
   if (const char* forced = std::getenv("FASTBN_SIMD"))
     if (const KernelTable* t = table_named(forced)) return t;
-  for (const char* simd : {"avx512", "avx2", "baseline"})
+#if defined(__x86_64__) || defined(__i386__)
+  const bool amd = __builtin_cpu_is("amd");
+#else
+  const bool amd = false;
+#endif
+  static const char* const amd_order[] = {"avx2", "avx512", "baseline"};
+  static const char* const default_order[] = {"avx512", "avx2", "baseline"};
+  for (const char* simd : amd ? amd_order : default_order)
     if (const KernelTable* t = table_named(simd)) return t;
   return &kernels_baseline();
 }
