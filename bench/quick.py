@@ -1,13 +1,15 @@
 """First benchmark: fastbn vs torch's F.batch_norm on the CPU, side by side in one run.
 
-Each case times training forward, training forward+backward and eval forward. Calls alternate
-between implementations, every timed call starts with cold caches (a buffer larger than the
-last-level cache is written first), and the table shows medians and the speed-up.
+Each case times training forward, training forward+backward and eval forward (under
+inference_mode). Calls alternate between implementations, every timed call starts with cold
+caches (a buffer larger than the last-level cache is written first), the garbage collector is
+off while timing (as in timeit), and the table shows medians and the speed-up.
 
     python bench/quick.py [--threads N] [--reps 15] [--dtype float32|bfloat16|float16|float64]
 """
 import argparse
 import ctypes
+import gc
 import os
 import statistics
 import time
@@ -84,12 +86,19 @@ def bench_case(shape, fmt, dtype, reps, flush):
         times = {name: [] for name in steps}
         for name, step in steps.items():  # warm up (allocator, first-touch)
             step()
-        for _ in range(reps):
-            for name, step in steps.items():  # interleaved, so drift hits both alike
-                flush()
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
+        # As timeit does, the garbage collector is off while timing: a collection that happens to
+        # fall inside a call would charge it a pass over every object torch has created.
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(reps):
+                for name, step in steps.items():  # interleaved, so drift hits both alike
+                    flush()
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
         rows[op] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return rows
 
