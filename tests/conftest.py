@@ -20,8 +20,8 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 def shape_layouts(shapes=SHAPES):
     """(shape, layout) pairs that exist: channels_last only for 4D and 5D shapes."""
-    return [pytest.param(s, l, id=f"{shape_id(s)}-{l}") for s in shapes for l in LAYOUTS
-            if l != "channels_last" or len(s) in (4, 5)]
+    return [pytest.param(shape, layout, id=f"{shape_id(shape)}-{layout}") for shape in shapes for layout in LAYOUTS
+            if layout != "channels_last" or len(shape) in (4, 5)]
 
 
 def shape_id(shape):

@@ -29,7 +29,9 @@ def _params(shape, dtype, affine, generator):
 
 
 def _leaf(t, requires_grad=True):
-    return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(requires_grad) if t is not None else None
+    if t is None:
+        return None
+    return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(requires_grad)
 
 
 def _as64(t):

@@ -50,7 +50,9 @@ def test_gradcheck(shape, fmt, training):
     x, w, b = _inputs(shape, fmt)
     C = shape[1]
     rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
-    fn = lambda x, w, b: batch_norm(x, None if training else rm, None if training else rv, w, b, training=training)
+    def fn(x, w, b):
+        return batch_norm(x, None if training else rm, None if training else rv, w, b, training=training)
+
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradcheck(lambda x: batch_norm(x, None, None, training=True), (x,))
 

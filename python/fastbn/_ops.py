@@ -37,7 +37,8 @@ def _channel_stat(x):
 
 @torch.library.register_fake("fastbn::batch_norm_train")
 def _(input, weight, bias, eps):
-    return torch.empty_like(input, memory_format=kernel_memory_format(input)), _channel_stat(input), _channel_stat(input)
+    output = torch.empty_like(input, memory_format=kernel_memory_format(input))
+    return output, _channel_stat(input), _channel_stat(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_eval")

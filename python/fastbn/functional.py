@@ -1,8 +1,6 @@
 """Functional BatchNorm with the signature and semantics of torch.nn.functional.batch_norm."""
 import math
 
-import torch
-
 from ._ops import batch_norm_eval, batch_norm_train, update_running_stats
 
 __all__ = ["batch_norm"]

@@ -1,5 +1,4 @@
 """Drop-in BatchNorm modules (subclasses of torch's) and convert(), which swaps them into a model."""
-import torch
 from torch import nn
 
 from .functional import _batch_norm
