@@ -17,7 +17,8 @@ void check_param(const std::optional<at::Tensor>& param, const char* name, const
 // float64 for float64 input, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
-// The parameter as a contiguous tensor of the accumulation type (undefined when absent).
+// A per-channel parameter or statistic as a contiguous 1-D tensor of the accumulation type, the
+// form the kernels take (undefined when absent).
 at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const at::Tensor& input);
 
 // The memory format the kernels read and write: channels_last(_3d) when the input is stored so,

@@ -32,11 +32,6 @@ cpu::Geometry kernel_geometry(const Tensor& input, at::MemoryFormat format) {
 
 const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-// Statistics and parameters are handed to the kernels in the accumulation type.
-Tensor stat_as_acc(const Tensor& stat, const Tensor& input) {
-  return stat.reshape({-1}).to(accumulate_type(input.scalar_type())).contiguous();
-}
-
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const optional<Tensor>& weight,
                                                         const optional<Tensor>& bias, double eps) {
   check_input(input);
@@ -66,7 +61,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, 
   const Tensor x = input.contiguous(format);
   Tensor output = at::empty(x.sizes(), x.options().memory_format(format));
   const Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
-  const Tensor mean = stat_as_acc(running_mean, x), var = stat_as_acc(running_var, x);
+  const Tensor mean = param_as_acc(running_mean, x), var = param_as_acc(running_var, x);
   cpu::active_kernels().eval_forward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), x.const_data_ptr(),
                                       output.data_ptr(), data_or_null(w), data_or_null(b), mean.const_data_ptr(),
                                       var.const_data_ptr(), eps, at::get_num_threads()});
@@ -94,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, acc_options);
   Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, acc_options);
   const Tensor w = param_as_acc(weight, x);
-  const Tensor m = stat_as_acc(mean, x), v = stat_as_acc(var, x);
+  const Tensor m = param_as_acc(mean, x), v = param_as_acc(var, x);
   cpu::active_kernels().backward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), dy.const_data_ptr(),
                                   x.const_data_ptr(), data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps,
                                   training, output_mask[0] ? grad_input.data_ptr() : nullptr,
