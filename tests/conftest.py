@@ -8,9 +8,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
 
 # Shapes over ranks 2D-5D with odd sizes: C=1, spatial=1, N=2, sizes that are not multiples of any
-# vector width, planes larger than one kernel block (4096) and many-row batches.
+# vector width, planes larger than one kernel block (4096) and many-row batches (many blocks).
 SHAPES = [
-    (2, 1), (7, 3), (64, 17), (5, 130),
+    (2, 1), (7, 3), (64, 17), (5, 130), (3000, 7),
     (2, 1, 1), (3, 5, 7), (4, 17, 33), (2, 3, 4500),
     (2, 3, 1, 1), (5, 1, 3, 3), (3, 7, 5, 9), (4, 16, 9, 9), (80, 2, 8, 8), (2, 3, 70, 70),
     (2, 3, 2, 3, 5), (2, 4, 3, 5, 7),

@@ -402,30 +402,22 @@ void train_forward_impl(const TrainForwardArgs& a) {
   }
 
   const RowBlocks rb = row_blocks(g);
-  auto reduce = [&](int64_t b, R* __restrict__ mean, R* __restrict__ m2) {
+  // Within a block (at most 256 rows) sums run in Acc, float for float32: each channel's sum is a
+  // chain of at most 64 adds of pairwise 4-row sums, then blocks are merged in double.
+  auto reduce = [&](int64_t b, Acc* __restrict__ mean, Acc* __restrict__ m2) {
     const int64_t m0 = rb.begin(b), m1 = rb.end(b);
-    std::fill(mean, mean + C, R(0));
-    std::fill(m2, m2 + C, R(0));
+    std::fill(mean, mean + C, Acc(0));
+    std::fill(m2, m2 + C, Acc(0));
     add_rows(mean, m0, m1, C, [x, C](int64_t m, int64_t c) { return K::load(x[m * C + c]); });
-    const R count = R(m1 - m0);
-    // Deviations are taken in Acc from the block mean rounded to Acc (one rounding each, as the
-    // shift lies among the data), which halves this pass's work for float32; the shift's offset
-    // from the true block mean is then removed exactly: sum((x-s)^2) = M2 + count * (mean-s)^2.
-    std::vector<Acc> shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] /= count;
-      shift[c] = Acc(mean[c]);
-    }
-    add_rows(m2, m0, m1, C, [x, C, s = shift.data()](int64_t m, int64_t c) {
-      const Acc d = K::load(x[m * C + c]) - s[c];
+    const Acc count = Acc(m1 - m0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+    add_rows(m2, m0, m1, C, [x, C, mean](int64_t m, int64_t c) {
+      const Acc d = K::load(x[m * C + c]) - mean[c];
       return d * d;
     });
-    for (int64_t c = 0; c < C; ++c) {
-      const R offset = mean[c] - R(shift[c]);
-      m2[c] = std::max(R(0), m2[c] - count * offset * offset);
-    }
   };
-  auto merge_channel = [&](int64_t c, const R* mean, const R* m2) {
+  auto merge_channel = [&](int64_t c, const Acc* mean, const Acc* m2) {
     // All blocks at once rather than Chan's pairwise merge (a division per block and channel, a
     // visible cost with many blocks): the exact mean first, then M2 = sum(M2_b + n_b (mean_b - mean)^2).
     double weighted = 0;
@@ -441,7 +433,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
   auto apply = [&](int64_t b) {
     normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
   };
-  for_rows<R>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
+  for_rows<Acc>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,9 +547,9 @@ void backward_impl(const BackwardArgs& a) {
   }
 
   const RowBlocks rb = row_blocks(g);
-  auto reduce = [&](int64_t b, R* __restrict__ sum_dy, R* __restrict__ sum_dy_xmu) {
-    std::fill(sum_dy, sum_dy + C, R(0));
-    std::fill(sum_dy_xmu, sum_dy_xmu + C, R(0));
+  auto reduce = [&](int64_t b, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {  // in Acc, as above
+    std::fill(sum_dy, sum_dy + C, Acc(0));
+    std::fill(sum_dy_xmu, sum_dy_xmu + C, Acc(0));
     add_rows(
         sum_dy, sum_dy_xmu, rb.begin(b), rb.end(b), C, [dy, C](int64_t m, int64_t c) { return K::load(dy[m * C + c]); },
         [dy, x, C, mean_in](int64_t m, int64_t c) {
@@ -565,7 +557,7 @@ void backward_impl(const BackwardArgs& a) {
           return K::load(dy[m * C + c]) * (K::load(x[m * C + c]) - mean_in[c]);
         });
   };
-  auto merge_channel = [&](int64_t c, const R* sum_dy, const R* sum_dy_xmu) {
+  auto merge_channel = [&](int64_t c, const Acc* sum_dy, const Acc* sum_dy_xmu) {
     Sums total{0, 0};
     for (int64_t b = 0; b < rb.count; ++b) {
       total.dy += double(sum_dy[b * C + c]);
@@ -584,7 +576,7 @@ void backward_impl(const BackwardArgs& a) {
         dx[m * C + c] = K::store(K::load(dy[m * C + c]) * ka[c] + (K::load(x[m * C + c]) - mean[c]) * kb[c] + kc[c]);
     }
   };
-  for_rows<R>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
+  for_rows<Acc>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
 }
 
 template <template <Dtype> class Fn, typename Args>
