@@ -22,12 +22,16 @@ inline float bits_float(uint32_t u) {
 
 inline float bfloat16_to_float(uint16_t v) { return bits_float(uint32_t(v) << 16); }
 
+// Magnitude comparisons below are made on int32: with the sign bit cleared the values fit, and
+// x86 has vector compares for signed 32-bit integers only (unsigned ones cost several instructions).
+inline int32_t magnitude_bits(uint32_t u) { return int32_t(u & 0x7fffffffu); }
+
 // Round to nearest even; NaN stays a (quiet) NaN.
 inline uint16_t float_to_bfloat16(float f) {
   const uint32_t u = float_bits(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan = (u >> 16) | 0x40u;
-  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  return uint16_t(magnitude_bits(u) > 0x7f800000 ? nan : rounded);
 }
 
 inline float half_to_float(uint16_t h) {
@@ -46,10 +50,11 @@ inline uint16_t float_to_half(float f) {
   uint32_t bits = float_bits(f);
   const uint32_t sign = bits & 0x80000000u;
   bits ^= sign;
-  const uint32_t inf_or_nan = bits > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const int32_t magnitude = int32_t(bits);
+  const uint32_t inf_or_nan = magnitude > 0x7f800000 ? 0x7e00u : 0x7c00u;
   const uint32_t subnormal = float_bits(bits_float(bits) + bits_float(0x3f000000u)) - 0x3f000000u;
   const uint32_t normal = (bits + 0xc8000fffu + ((bits >> 13) & 1u)) >> 13;
-  const uint32_t out = bits >= 0x47800000u ? inf_or_nan : (bits < 0x38800000u ? subnormal : normal);
+  const uint32_t out = magnitude >= 0x47800000 ? inf_or_nan : (magnitude < 0x38800000 ? subnormal : normal);
   return uint16_t(out | (sign >> 16));
 }
 
