@@ -1,0 +1,101 @@
+"""python -m fastbn.bench: fastbn against torch, inductor, a naive BatchNorm and the copy floor."""
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+import fastbn
+
+from .cases import DTYPES, OPS, PRESETS, parse_shape, preset_cases
+from .impls import IMPLS
+from .report import table, write_json, write_plot
+from .runner import keep_freed_memory, run_cases
+
+
+def _list(choices):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _shape(text):
+    try:
+        return parse_shape(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m fastbn.bench", description=__doc__,
+        epilog="Medians of interleaved calls, each after evicting the caches; the garbage collector is off "
+               "while timing. On the CPU freed memory is kept by glibc so outputs reuse their pages "
+               "(kernel time); --fresh-pages measures end to end, page faults included.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--shape", action="append", type=_shape, metavar="NxCxHxW",
+                   help="measure this shape instead of the preset's (repeatable)")
+    p.add_argument("--dtype", type=_list(list(DTYPES)), help="comma list; default: the preset's")
+    p.add_argument("--layout", type=_list(["nchw", "nhwc"]), help="nchw, nhwc or both (default: the preset's)")
+    p.add_argument("--ops", type=_list(list(OPS)), default=list(OPS), help="comma list of " + ", ".join(OPS))
+    p.add_argument("--impls", type=_list(list(IMPLS)), default=list(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU)")
+    p.add_argument("--reps", type=int, default=15, help="timed calls per implementation and op (default 15)")
+    p.add_argument("--fresh-pages", action="store_true", help="leave glibc's default memory policy")
+    p.add_argument("--json", metavar="PATH", help="write the records as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch")
+    if args.device == "cuda" and not fastbn.build_info()["cuda_compiled"]:
+        p.error("--device cuda: this fastbn was built without CUDA kernels")
+    if "floor" not in args.impls:
+        args.impls.append("floor")  # every ratio is taken against it
+    return args
+
+
+def _progress(total):
+    """A tqdm bar on a terminal; nothing when tqdm is missing or output is captured."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="benchmark", unit="op", leave=False)
+
+
+def main(argv=None):
+    # numpy's OpenBLAS (imported by torch) keeps a thread per core competing for the measured CPUs.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reused = args.device == "cpu" and not args.fresh_pages and keep_freed_memory()
+    cases = preset_cases(args.preset, args.layout, args.dtype, args.shape)
+    info = fastbn.build_info()
+    meta = {"fastbn": info["version"], "simd": info["simd"], "torch": torch.__version__, "device": args.device,
+            "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(), "preset": args.preset, "reps": args.reps,
+            "memory": "reused" if reused else "fresh pages"}
+    print(f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device}, "
+          f"{meta['threads']} threads, preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, "
+          f"median of {args.reps}, cold caches, {meta['memory']}")
+    bar = _progress(len(cases) * len(args.ops))
+    records = run_cases(cases, args.ops, args.impls, args.reps, args.device, bar.update if bar else None)
+    if bar:
+        bar.close()
+    print(table(records))
+    if args.json:
+        write_json(records, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {args.preset}")
+        print(f"wrote {args.plot}")
+    return records

@@ -1,0 +1,68 @@
+"""The benchmark CLI: its peers compute BatchNorm correctly and its records hold together.
+(Timings are never asserted: speed claims come from running the CLI, not from tests.)"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbn.bench import Case, preset_cases, run_cases
+from fastbn.bench.cases import parse_shape
+from fastbn.bench.cli import main
+from fastbn.bench.impls import naive_batch_norm
+from fastbn.bench.report import table
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_naive_peer_is_batch_norm(training):
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    ours = naive_batch_norm(x, rm, rv, w, b, training)
+    torch.testing.assert_close(ours, F.batch_norm(x, rm2, rv2, w, b, training))
+    torch.testing.assert_close((rm, rv), (rm2, rv2))
+
+
+def test_run_records_and_table():
+    cases = [Case((8, 3, 4, 4), "nhwc"), Case((16, 5))]
+    records = run_cases(cases, ops=("train_fwd", "train_fwd_bwd"), impls=("fastbn", "torch", "naive", "floor"),
+                        reps=2)
+    assert len(records) == 2 * 2 * 4
+    for r in records:
+        assert {"op", "shape", "layout", "dtype", "impl", "median_ms", "gbps", "floor_ratio"} <= r.keys()
+        assert r["median_ms"] > 0 and r["gbps"] > 0
+        floor = next(f for f in records if f["impl"] == "floor" and f["op"] == r["op"] and f["label"] == r["label"])
+        assert r["floor_ratio"] == pytest.approx(r["median_ms"] / floor["median_ms"])
+    text = table(records)
+    assert "8x3x4x4 nhwc float32" in text and "16x5 rows float32" in text and "vs best" in text
+
+
+def test_presets_and_shapes():
+    quick = preset_cases("quick")
+    assert Case((16, 256, 28, 28), "nhwc") in quick and Case((2048, 768)) in quick
+    assert all(c.layout == "nchw" for c in quick if len(c.shape) == 2)  # one layout for 2-D inputs
+    resnet = preset_cases("resnet50", dtypes=["bfloat16"])
+    assert {c.dtype for c in resnet} == {"bfloat16"} and Case((32, 2048, 7, 7), "nhwc", "bfloat16") in resnet
+    assert any(c.threads == 1 for c in preset_cases("full"))
+    assert parse_shape("16x256x28x28") == (16, 256, 28, 28)
+    with pytest.raises(ValueError, match="2 to 5 positive sizes"):
+        parse_shape("16")
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    main(["--shape", "6x4x5x5", "--shape", "32x7", "--layout", "nchw,nhwc", "--ops", "eval_fwd", "--reps", "2",
+          "--impls", "fastbn,torch,inductor", "--json", str(out_json), "--plot", str(out_png)])
+    data = json.loads(out_json.read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert impls == {"fastbn", "torch", "inductor", "floor"}
+    assert len(data["results"]) == 3 * 4  # 6x4x5x5 in two layouts, 32x7 once; 4 implementations
+    assert out_png.stat().st_size > 10_000
+    assert "6x4x5x5 nhwc float32" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_choices():
+    with pytest.raises(SystemExit):
+        main(["--ops", "train"])
