@@ -60,6 +60,17 @@ def parse_args(argv=None):
     return args
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _progress(total):
     """A tqdm bar on a terminal; nothing when tqdm is missing or output is captured."""
     if not sys.stderr.isatty():
@@ -81,10 +92,10 @@ def main(argv=None):
     cases = preset_cases(args.preset, args.layout, args.dtype, args.shape)
     info = fastbn.build_info()
     meta = {"fastbn": info["version"], "simd": info["simd"], "torch": torch.__version__, "device": args.device,
-            "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads(), "preset": args.preset, "reps": args.reps,
+            "machine": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(), "preset": args.preset, "reps": args.reps,
             "memory": "reused" if reused else "fresh pages"}
-    print(f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device}, "
+    print(f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device} ({meta['machine']}), "
           f"{meta['threads']} threads, preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, "
           f"median of {args.reps}, cold caches, {meta['memory']}")
     bar = _progress(len(cases) * len(args.ops))

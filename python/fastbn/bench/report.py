@@ -33,7 +33,8 @@ def write_json(records, path, meta):
 
 
 def write_plot(records, path, title):
-    """Time per (case, op) per implementation on a log axis, the floor drawn as a black tick."""
+    """Median time per case for every implementation (markers, log scale), one panel per op, with
+    the floor (one copy of the input) drawn as a black dash on each case."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -41,23 +42,27 @@ def write_plot(records, path, title):
     except ImportError as e:
         raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {e}") from None
     groups = _groups(records)
+    labels = list(dict.fromkeys(label for label, _ in groups))
+    ops = list(dict.fromkeys(op for _, op in groups))
     impls = [i for i in dict.fromkeys(r["impl"] for r in records) if i != "floor"]
-    width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups)), 5))
-    for k, impl in enumerate(impls):
-        xs = [g + (k - (len(impls) - 1) / 2) * width for g, by in enumerate(groups.values()) if impl in by]
-        ys = [by[impl]["median_ms"] for by in groups.values() if impl in by]
-        ax.bar(xs, ys, width, label=impl)
-    floors = [(g, by["floor"]["median_ms"]) for g, by in enumerate(groups.values()) if "floor" in by]
-    if floors:
-        ax.scatter([g for g, _ in floors], [ms for _, ms in floors], marker="_", s=600, color="black",
-                   zorder=3, label="floor (copy)")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{label}\n{op}" for label, op in groups], rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("median ms (log)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(ops), 1, squeeze=False, sharex=True,
+                             figsize=(min(24, max(8, 0.22 * len(labels) + 3)), 2.8 * len(ops) + 1.5))
+    for ax, op in zip(axes[:, 0], ops):
+        for impl in impls:
+            points = [(k, groups[(label, op)][impl]["median_ms"]) for k, label in enumerate(labels)
+                      if impl in groups.get((label, op), {})]
+            ax.plot([k for k, _ in points], [ms for _, ms in points], "o", markersize=3.5, label=impl)
+        floors = [(k, groups[(label, op)]["floor"]["median_ms"]) for k, label in enumerate(labels)
+                  if "floor" in groups.get((label, op), {})]
+        ax.plot([k for k, _ in floors], [ms for _, ms in floors], "_", color="black", markersize=10,
+                markeredgewidth=2, label="floor (copy)")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{op}\nmedian ms")
+        ax.grid(True, which="major", axis="y", alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[0, 0].legend(fontsize=7, ncol=len(impls) + 1, loc="upper left")
+    axes[-1, 0].set_xticks(range(len(labels)))
+    axes[-1, 0].set_xticklabels(labels, rotation=90, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
