@@ -32,7 +32,10 @@ at::ScalarType accumulate_type(at::ScalarType input_type) {
 
 at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const at::Tensor& input) {
   if (!param.has_value() || !param->defined()) return at::Tensor();
-  return param->reshape({-1}).to(accumulate_type(input.scalar_type())).contiguous();
+  const at::Tensor& p = *param;
+  // The usual case (a contiguous vector of the right type) needs no new tensor, nor any dispatch.
+  if (p.dim() == 1 && p.scalar_type() == accumulate_type(input.scalar_type()) && p.is_contiguous()) return p;
+  return p.reshape({-1}).to(accumulate_type(input.scalar_type())).contiguous();
 }
 
 at::MemoryFormat kernel_memory_format(const at::Tensor& input) {
@@ -79,20 +82,26 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   const auto stat_type = running_mean.scalar_type();
   const bool plain_type = stat_type == at::kFloat || stat_type == at::kDouble || stat_type == at::kHalf ||
                           stat_type == at::kBFloat16;
+  const auto batch_type = mean.scalar_type();
   if (running_mean.is_cpu() && plain_type && running_var.scalar_type() == stat_type &&
-      running_mean.is_contiguous() && running_var.is_contiguous()) {
-    // A plain loop: a dozen small ATen ops would cost ~10 us per layer and step.
+      running_mean.is_contiguous() && running_var.is_contiguous() && var.scalar_type() == batch_type &&
+      (batch_type == at::kFloat || batch_type == at::kDouble) && mean.is_contiguous() && var.is_contiguous()) {
+    // A plain loop over the batch statistics as the kernels return them (float or double): a dozen
+    // small ATen ops would cost ~10 us per layer and step, far more with cold caches.
     const double f = momentum.has_value() ? *momentum : 1.0 / double(num_batches_tracked->item<int64_t>());
-    const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
-    const double* pm = m.const_data_ptr<double>();
-    const double* pv = v.const_data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "update_running_stats", [&] {
       scalar_t* rm = running_mean.data_ptr<scalar_t>();
       scalar_t* rv = running_var.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < channels; ++c) {
-        rm[c] = scalar_t((1.0 - f) * double(rm[c]) + f * pm[c]);
-        rv[c] = scalar_t((1.0 - f) * double(rv[c]) + f * pv[c] * bessel);
-      }
+      auto update = [&](const auto* pm, const auto* pv) {
+        for (int64_t c = 0; c < channels; ++c) {
+          rm[c] = scalar_t((1.0 - f) * double(rm[c]) + f * double(pm[c]));
+          rv[c] = scalar_t((1.0 - f) * double(rv[c]) + f * double(pv[c]) * bessel);
+        }
+      };
+      if (batch_type == at::kDouble)
+        update(mean.const_data_ptr<double>(), var.const_data_ptr<double>());
+      else
+        update(mean.const_data_ptr<float>(), var.const_data_ptr<float>());
     });
     return;
   }

@@ -83,7 +83,9 @@ def _train_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, mean, var)
     ctx.eps = eps
     _save_param_dtypes(ctx, weight, bias)
-    ctx.set_materialize_grads(True)
+    # The statistics are for the running averages and for backward, not for differentiating:
+    # they need no detach() before the update op, and get no zero-filled grads here.
+    ctx.mark_non_differentiable(mean, var)
 
 
 def _train_backward(ctx, grad_output, grad_mean, grad_var):

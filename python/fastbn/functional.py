@@ -42,6 +42,5 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     output, mean, var = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
         count = input.shape[0] * math.prod(input.shape[2:])
-        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), momentum,
-                             count)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count)
     return output
