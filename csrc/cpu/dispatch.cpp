@@ -8,27 +8,21 @@
 namespace fastbn::cpu {
 namespace {
 
+// The table compiled for `simd` (avx512, avx2, baseline), or null if this CPU cannot run it.
+const KernelTable* table_named(const char* simd) {
 #if defined(__x86_64__) || defined(__i386__)
-bool cpu_has(const char* simd) {
   if (std::strcmp(simd, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")
+               ? &kernels_avx512()
+               : nullptr;
   if (std::strcmp(simd, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-  return std::strcmp(simd, "baseline") == 0;
-}
-#else
-bool cpu_has(const char* simd) { return std::strcmp(simd, "baseline") == 0; }
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")
+               ? &kernels_avx2()
+               : nullptr;
 #endif
-
-const KernelTable* table_named(const char* simd) {
-  if (!cpu_has(simd)) return nullptr;
-#if defined(__x86_64__) || defined(__i386__)
-  if (std::strcmp(simd, "avx512") == 0) return &kernels_avx512();
-  if (std::strcmp(simd, "avx2") == 0) return &kernels_avx2();
-#endif
-  return &kernels_baseline();
+  return std::strcmp(simd, "baseline") == 0 ? &kernels_baseline() : nullptr;
 }
 
 // The kernels are memory-bound, so wider vectors buy nothing once a core saturates its bandwidth.
