@@ -28,6 +28,14 @@ def test_simd_can_be_forced_by_environment():
     assert out.stdout.strip() == "baseline"
 
 
+def test_unusable_forced_simd_warns():
+    code = "import fastbn; print(fastbn.build_info()['simd'])"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env={**os.environ, "FASTBN_SIMD": "avx3"},
+                         capture_output=True, text=True, check=True)
+    assert "FASTBN_SIMD='avx3' names no kernel set this CPU can run" in out.stderr
+    assert out.stdout.strip() in ("avx512", "avx2", "baseline")
+
+
 def test_import_with_another_torch_version_fails_clearly():
     code = ("import torch; torch.__version__ = '1.0.0+other'\n"
             "try:\n    import fastbn\nexcept ImportError as e:\n    print(e)\n")

@@ -4,6 +4,9 @@
     model = fastbn.convert(model)            # every torch BatchNorm -> fastbn's
     y = fastbn.functional.batch_norm(x, running_mean, running_var, training=True)
 """
+import os
+import warnings
+
 import torch
 
 from ._version import __version__
@@ -26,6 +29,10 @@ _build_config = _check_build()
 from . import functional  # noqa: E402
 from ._ops import _C  # noqa: E402
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert  # noqa: E402
+
+if os.environ.get("FASTBN_SIMD") and os.environ["FASTBN_SIMD"] != _C.build_info()["simd"]:
+    warnings.warn(f"FASTBN_SIMD={os.environ['FASTBN_SIMD']!r} names no kernel set this CPU can run (avx512, avx2, "
+                  f"baseline); using {_C.build_info()['simd']}", RuntimeWarning, stacklevel=2)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "functional", "build_info", "__version__"]
 
