@@ -16,17 +16,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _verify_batch_size(size):
-    values = size[0] * math.prod(size[2:]) if len(size) >= 2 else None
-    if values == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+def _values_per_channel(size):
+    """N times the spatial sizes: how many values each channel's statistics are taken over."""
+    return size[0] * math.prod(size[2:]) if len(size) >= 2 else None
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked=None):
     """batch_norm plus what the modules need: momentum=None (cumulative average over
     num_batches_tracked) and the num_batches_tracked counter, updated by the same op."""
+    count = _values_per_channel(input.size())
     if training:
-        _verify_batch_size(input.size())
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
@@ -41,6 +42,5 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
     output, mean, var = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
-        count = input.shape[0] * math.prod(input.shape[2:])
         update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count)
     return output
