@@ -32,21 +32,37 @@ cpu::Geometry kernel_geometry(const Tensor& input, at::MemoryFormat format) {
 
 const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// The input as the kernels read it (laid out in its kernel memory format), and how they see it.
+struct KernelInput {
+  at::MemoryFormat format;
+  Tensor x;
+  cpu::Dtype dtype;
+  cpu::Geometry geometry;
+
+  explicit KernelInput(const Tensor& input)
+      : format(kernel_memory_format(input)),
+        x(input.contiguous(format)),
+        dtype(kernel_dtype(x.scalar_type())),
+        geometry(kernel_geometry(x, format)) {}
+
+  Tensor new_output() const { return at::empty(x.sizes(), x.options().memory_format(format)); }
+  Tensor new_channel_stat(int64_t size) const {
+    return at::empty({size}, x.options().dtype(accumulate_type(x.scalar_type())));
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const optional<Tensor>& weight,
                                                         const optional<Tensor>& bias, double eps) {
   check_input(input);
   check_param(weight, "weight", input);
   check_param(bias, "bias", input);
-  const auto format = kernel_memory_format(input);
-  const Tensor x = input.contiguous(format);
-  Tensor output = at::empty(x.sizes(), x.options().memory_format(format));
-  const auto acc_options = x.options().dtype(accumulate_type(x.scalar_type()));
-  Tensor mean = at::empty({x.size(1)}, acc_options);
-  Tensor var = at::empty({x.size(1)}, acc_options);
-  const Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
-  cpu::active_kernels().train_forward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), x.const_data_ptr(),
-                                       output.data_ptr(), data_or_null(w), data_or_null(b), mean.data_ptr(),
-                                       var.data_ptr(), eps, at::get_num_threads()});
+  const KernelInput in(input);
+  Tensor output = in.new_output();
+  Tensor mean = in.new_channel_stat(in.geometry.channels), var = in.new_channel_stat(in.geometry.channels);
+  const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
+  cpu::active_kernels().train_forward({in.dtype, in.geometry, in.x.const_data_ptr(), output.data_ptr(),
+                                       data_or_null(w), data_or_null(b), mean.data_ptr(), var.data_ptr(), eps,
+                                       at::get_num_threads()});
   return {output, mean, var};
 }
 
@@ -57,14 +73,13 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, 
   check_param(bias, "bias", input);
   check_param(running_mean, "running_mean", input);
   check_param(running_var, "running_var", input);
-  const auto format = kernel_memory_format(input);
-  const Tensor x = input.contiguous(format);
-  Tensor output = at::empty(x.sizes(), x.options().memory_format(format));
-  const Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
-  const Tensor mean = param_as_acc(running_mean, x), var = param_as_acc(running_var, x);
-  cpu::active_kernels().eval_forward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), x.const_data_ptr(),
-                                      output.data_ptr(), data_or_null(w), data_or_null(b), mean.const_data_ptr(),
-                                      var.const_data_ptr(), eps, at::get_num_threads()});
+  const KernelInput in(input);
+  Tensor output = in.new_output();
+  const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
+  const Tensor mean = param_as_acc(running_mean, in.x), var = param_as_acc(running_var, in.x);
+  cpu::active_kernels().eval_forward({in.dtype, in.geometry, in.x.const_data_ptr(), output.data_ptr(),
+                                      data_or_null(w), data_or_null(b), mean.const_data_ptr(), var.const_data_ptr(),
+                                      eps, at::get_num_threads()});
   return output;
 }
 
@@ -80,19 +95,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
               grad_output.sizes(), " but input has shape ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_output has dtype ",
               grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
-  const auto format = kernel_memory_format(input);
-  const Tensor x = input.contiguous(format);
-  const Tensor dy = grad_output.contiguous(format);  // the kernels walk both in the same order
-  const auto acc_options = x.options().dtype(accumulate_type(x.scalar_type()));
-  const int64_t channels = x.size(1);
-  Tensor grad_input = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(format)) : at::empty({0}, x.options());
-  Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, acc_options);
-  Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, acc_options);
-  const Tensor w = param_as_acc(weight, x);
-  const Tensor m = param_as_acc(mean, x), v = param_as_acc(var, x);
-  cpu::active_kernels().backward({kernel_dtype(x.scalar_type()), kernel_geometry(x, format), dy.const_data_ptr(),
-                                  x.const_data_ptr(), data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps,
-                                  training, output_mask[0] ? grad_input.data_ptr() : nullptr,
+  const KernelInput in(input);
+  const Tensor dy = grad_output.contiguous(in.format);  // the kernels walk both in the same order
+  const int64_t channels = in.geometry.channels;
+  Tensor grad_input = output_mask[0] ? in.new_output() : at::empty({0}, in.x.options());
+  Tensor grad_weight = in.new_channel_stat(output_mask[1] ? channels : 0);
+  Tensor grad_bias = in.new_channel_stat(output_mask[2] ? channels : 0);
+  const Tensor w = param_as_acc(weight, in.x);
+  const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
+  cpu::active_kernels().backward({in.dtype, in.geometry, dy.const_data_ptr(), in.x.const_data_ptr(), data_or_null(w),
+                                  m.const_data_ptr(), v.const_data_ptr(), eps, training,
+                                  output_mask[0] ? grad_input.data_ptr() : nullptr,
                                   output_mask[1] ? grad_weight.data_ptr() : nullptr,
                                   output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()});
   return {grad_input, grad_weight, grad_bias};
