@@ -66,3 +66,20 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
 def test_cli_rejects_unknown_choices():
     with pytest.raises(SystemExit):
         main(["--ops", "train"])
+
+
+def test_cli_inference_case(tmp_path, capsys):
+    out_json = tmp_path / "inference.json"
+    main(["--inference", "--layout", "nhwc", "--reps", "1", "--json", str(out_json)])
+    records = json.loads(out_json.read_text())["results"]
+    assert {(r["shape"][0], r["impl"]) for r in records} == {(b, v) for b in (1, 16)
+                                                            for v in ("torch_bn", "fastbn_bn", "folded")}
+    assert all(r["max_rel_diff"] < 1e-5 and r["layout"] == "nhwc" for r in records)
+    assert "small ResNet-18 16x3x64x64 nhwc" in capsys.readouterr().out
+
+
+def test_inference_model_folds_completely():
+    from fastbn import fold
+    from fastbn.bench.inference import small_resnet
+    _, report = fold(small_resnet(), return_report=True)
+    assert len(report.folded) == 20 and report.left == []

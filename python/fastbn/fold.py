@@ -40,11 +40,10 @@ class FoldReport:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Keeps every BatchNorm (torch's, fastbn's, any subclass) and every fastbn module a single node."""
+    """Keeps every BatchNorm (torch's, fastbn's, any subclass) a single node."""
 
     def is_leaf_module(self, m, qualname):
-        return (isinstance(m, _BatchNorm) or type(m).__module__.startswith("fastbn.")
-                or super().is_leaf_module(m, qualname))
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
 
 
 def fold(model, inplace=False, example_inputs=None, return_report=False):
@@ -113,6 +112,7 @@ def _fold_graph(model, graph, example_inputs, report):
         _fold_into(producer, bn)
         model.set_submodule(node.target, nn.Identity())
         report.folded.append((node.target, source.target))
+    _report_unseen(model, report)
 
 
 def _describe(source, modules):
@@ -131,7 +131,6 @@ def _fold_sequential(model, report):
     names = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
-    folded = set()
     for seq_name, seq in list(model.named_modules()):
         if not isinstance(seq, nn.Sequential):
             continue
@@ -148,12 +147,16 @@ def _fold_sequential(model, report):
                 continue
             _fold_into(layer, bn)
             setattr(seq, bn_name, nn.Identity())
-            folded.add(id(bn))
             report.folded.append((full, f"{seq_name}.{layer_name}" if seq_name else layer_name))
+    _report_unseen(model, report, "not preceded by a Conv, ConvTranspose or Linear inside an nn.Sequential")
+
+
+def _report_unseen(model, report, reason="torch.fx never saw it called (inside a leaf module?)"):
+    """Every BatchNorm still in the model gets a line in the report."""
     seen = {name for name, _ in report.left}
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and id(m) not in folded and name not in seen:
-            report.left.append((name, "not preceded by a Conv, ConvTranspose or Linear inside an nn.Sequential"))
+        if isinstance(m, _BatchNorm) and name not in seen:
+            report.left.append((name, reason))
 
 
 def _out_channels(layer):

@@ -10,6 +10,7 @@ import fastbn
 
 from .cases import DTYPES, OPS, PRESETS, parse_shape, preset_cases
 from .impls import IMPLS
+from .inference import inference_table, run_inference
 from .report import table, write_json, write_plot
 from .runner import keep_freed_memory, run_cases
 
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--layout", type=_list(["nchw", "nhwc"]), help="nchw, nhwc or both (default: the preset's)")
     p.add_argument("--ops", type=_list(list(OPS)), default=list(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--impls", type=_list(list(IMPLS)), default=list(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    p.add_argument("--inference", action="store_true",
+                   help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
+                        "folded into the convolutions (fastbn.fold)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--reps", type=int, default=15, help="timed calls per implementation and op (default 15)")
     p.add_argument("--fresh-pages", action="store_true", help="leave glibc's default memory policy")
@@ -89,24 +93,35 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     reused = args.device == "cpu" and not args.fresh_pages and keep_freed_memory()
-    cases = preset_cases(args.preset, args.layout, args.dtype, args.shape)
     info = fastbn.build_info()
     meta = {"fastbn": info["version"], "simd": info["simd"], "torch": torch.__version__, "device": args.device,
             "machine": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(), "preset": args.preset, "reps": args.reps,
             "memory": "reused" if reused else "fresh pages"}
-    print(f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device} ({meta['machine']}), "
-          f"{meta['threads']} threads, preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, "
-          f"median of {args.reps}, cold caches, {meta['memory']}")
-    bar = _progress(len(cases) * len(args.ops))
-    records = run_cases(cases, args.ops, args.impls, args.reps, args.device, bar.update if bar else None)
+    header = (f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device} ({meta['machine']}), "
+              f"{meta['threads']} threads, ")
+    if args.inference:
+        meta["preset"] = "inference"
+        layouts = args.layout or ["nchw", "nhwc"]
+        print(header + f"inference of a small ResNet-18, batch 1 and 16, median of {args.reps}, cold caches")
+        bar = _progress(2 * len(layouts))
+        records = run_inference(layouts=layouts, reps=args.reps, device=args.device,
+                                progress=bar.update if bar else None)
+        report = inference_table(records)
+    else:
+        cases = preset_cases(args.preset, args.layout, args.dtype, args.shape)
+        print(header + f"preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, median of {args.reps}, "
+              f"cold caches, {meta['memory']}")
+        bar = _progress(len(cases) * len(args.ops))
+        records = run_cases(cases, args.ops, args.impls, args.reps, args.device, bar.update if bar else None)
+        report = table(records)
     if bar:
         bar.close()
-    print(table(records))
+    print(report)
     if args.json:
         write_json(records, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {args.preset}")
+        write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {meta['preset']}")
         print(f"wrote {args.plot}")
     return records
