@@ -23,6 +23,15 @@ TORCH_LIBRARY(fastbn, m) {
       " float eps, bool training, bool[3] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
+  // SyncBatchNorm's pieces. The statistics of this process's batch (mean and biased variance);
+  // then, once the global ones are reduced across processes, batch_norm_eval normalizes with them.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)", tags);
+  // The training input gradient from global means of dy and dy * x_hat (reduced across processes):
+  // dx = weight * invstd * (dy - mean_dy - x_hat * mean_dy_xhat), x_hat = (x - mean) * invstd.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var,"
+      " float eps, Tensor mean_dy, Tensor mean_dy_xhat) -> Tensor",
+      tags);
   // running <- (1 - f) * running + f * batch, with the unbiased variance, f = momentum or, when
   // momentum is None, 1 / num_batches_tracked (a cumulative average). num_batches_tracked, when
   // given, is incremented. Every argument is checked before anything is written.

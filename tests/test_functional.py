@@ -154,3 +154,30 @@ def test_zero_channels_give_empty_output():
         y = batch_norm(x, torch.zeros(0), torch.ones(0), training=training)
         assert y.shape == x.shape
         y.sum().backward()
+
+
+@pytest.mark.parametrize("shape, layout", shape_layouts())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sync_pieces_make_up_training(shape, layout, dtype):
+    """SyncBatchNorm's ops on one process: batch_norm_stats, batch_norm_eval at those statistics and
+    batch_norm_backward_elemt at the batch's own means of dy and dy * x_hat are the training forward
+    and backward (statistics bit for bit; output and grad_input against the float64 reference)."""
+    ops = torch.ops.fastbn
+    g = torch.Generator().manual_seed(hash((shape, layout, str(dtype))) % 2**31)
+    x = make_input(shape, dtype, layout, g, scale=2.0, shift=0.5)
+    weight, bias = _params(shape, dtype, True, g)
+    grad = make_input(shape, dtype, layout, g)
+    out, mean, var = ops.batch_norm_train(x, weight, bias, 1e-5)
+    stats = ops.batch_norm_stats(x)
+    assert torch.equal(stats[0], mean) and torch.equal(stats[1], var)
+    normalized = ops.batch_norm_eval(x, weight, bias, mean, var, 1e-5)
+    _, sum_dy_xhat, sum_dy = ops.batch_norm_backward(grad, x, weight, mean, var, 1e-5, False, [False, True, True])
+    count = x.numel() // shape[1]
+    grad_input = ops.batch_norm_backward_elemt(grad, x, weight, mean, var, 1e-5, sum_dy / count, sum_dy_xhat / count)
+    trained = ops.batch_norm_backward(grad, x, weight, mean, var, 1e-5, True, [True, False, False])[0]
+    x64 = _leaf(x.double())
+    out64 = F.batch_norm(x64, None, None, weight.double(), bias.double(), True)
+    out64.backward(grad.double())
+    assert_close_to_reference(normalized, out, out64, dtype, "output")
+    assert_close_to_reference(grad_input, trained, x64.grad, dtype, "grad_input")
+    assert grad_input.stride() == trained.stride()

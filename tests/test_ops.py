@@ -105,3 +105,14 @@ def test_update_running_stats_against_hand_computed(contiguous, momentum):
     torch.testing.assert_close(running_mean, (factor * mean).float())
     torch.testing.assert_close(running_var, ((1 - factor) + factor * var * 10 / 9).float())
     assert int(counter) == 2
+
+
+@pytest.mark.parametrize("shape, fmt", OPCHECK_CASES, ids=["2d", "3d", "4d-cl", "5d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_sync_ops(shape, fmt, dtype):
+    x, w, _ = _inputs(shape, fmt, dtype, requires_grad=False)
+    torch.library.opcheck(ops.batch_norm_stats, (x,))
+    mean, var = ops.batch_norm_stats(x)
+    grad = torch.randn_like(x)
+    torch.library.opcheck(ops.batch_norm_backward_elemt, (grad, x, w, mean, var, 1e-5, mean * 0.1, var * 0.2))
+    torch.library.opcheck(ops.batch_norm_backward_elemt, (grad, x, None, mean, var, 1e-5, mean * 0.1, var * 0.2))

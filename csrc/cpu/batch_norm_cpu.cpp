@@ -83,11 +83,18 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, 
   return output;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                           const optional<Tensor>& weight, const Tensor& mean,
-                                                           const Tensor& var, double eps, bool training,
-                                                           std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_input(input);
+  const KernelInput in(input);
+  Tensor mean = in.new_channel_stat(in.geometry.channels), var = in.new_channel_stat(in.geometry.channels);
+  cpu::active_kernels().train_forward({in.dtype, in.geometry, in.x.const_data_ptr(), nullptr, nullptr, nullptr,
+                                       mean.data_ptr(), var.data_ptr(), 0.0, at::get_num_threads()});
+  return {mean, var};
+}
+
+// The checks shared by both backward ops; returns grad_output laid out as the input.
+Tensor check_backward_args(const Tensor& grad_output, const KernelInput& in, const Tensor& input,
+                           const optional<Tensor>& weight, const Tensor& mean, const Tensor& var) {
   check_param(weight, "weight", input);
   check_param(mean, "mean", input);
   check_param(var, "var", input);
@@ -95,8 +102,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
               grad_output.sizes(), " but input has shape ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_output has dtype ",
               grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
+  return grad_output.contiguous(in.format);  // the kernels walk both in the same order
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                           const optional<Tensor>& weight, const Tensor& mean,
+                                                           const Tensor& var, double eps, bool training,
+                                                           std::array<bool, 3> output_mask) {
+  check_input(input);
   const KernelInput in(input);
-  const Tensor dy = grad_output.contiguous(in.format);  // the kernels walk both in the same order
+  const Tensor dy = check_backward_args(grad_output, in, input, weight, mean, var);
   const int64_t channels = in.geometry.channels;
   Tensor grad_input = output_mask[0] ? in.new_output() : at::empty({0}, in.x.options());
   Tensor grad_weight = in.new_channel_stat(output_mask[1] ? channels : 0);
@@ -104,11 +119,30 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const Tensor w = param_as_acc(weight, in.x);
   const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
   cpu::active_kernels().backward({in.dtype, in.geometry, dy.const_data_ptr(), in.x.const_data_ptr(), data_or_null(w),
-                                  m.const_data_ptr(), v.const_data_ptr(), eps, training,
+                                  m.const_data_ptr(), v.const_data_ptr(), eps, training, nullptr, nullptr,
                                   output_mask[0] ? grad_input.data_ptr() : nullptr,
                                   output_mask[1] ? grad_weight.data_ptr() : nullptr,
                                   output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()});
   return {grad_input, grad_weight, grad_bias};
+}
+
+Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+                                     const Tensor& mean, const Tensor& var, double eps, const Tensor& mean_dy,
+                                     const Tensor& mean_dy_xhat) {
+  check_input(input);
+  const KernelInput in(input);
+  const Tensor dy = check_backward_args(grad_output, in, input, weight, mean, var);
+  check_param(mean_dy, "mean_dy", input);
+  check_param(mean_dy_xhat, "mean_dy_xhat", input);
+  Tensor grad_input = in.new_output();
+  const Tensor w = param_as_acc(weight, in.x);
+  const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
+  const Tensor gm = param_as_acc(mean_dy, in.x), gx = param_as_acc(mean_dy_xhat, in.x);
+  cpu::active_kernels().backward({in.dtype, in.geometry, dy.const_data_ptr(), in.x.const_data_ptr(), data_or_null(w),
+                                  m.const_data_ptr(), v.const_data_ptr(), eps, true, gm.const_data_ptr(),
+                                  gx.const_data_ptr(), grad_input.data_ptr(), nullptr, nullptr,
+                                  at::get_num_threads()});
+  return grad_input;
 }
 
 }  // namespace
@@ -117,6 +151,8 @@ TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("update_running_stats", &update_running_stats);  // device-generic ATen maths
 }
 

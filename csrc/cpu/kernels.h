@@ -22,7 +22,7 @@ struct TrainForwardArgs {
   Dtype dtype;
   Geometry geometry;
   const void* input;
-  void* output;
+  void* output;  // null: statistics only (SyncBatchNorm normalizes once the global ones are known)
   const void* weight;
   const void* bias;
   void* mean;  // out: batch mean
@@ -54,6 +54,10 @@ struct BackwardArgs {
   const void* var;
   double eps;
   bool training;
+  // SyncBatchNorm: sum(dy) / count and sum(dy * x_hat) / count over the global batch, reduced across
+  // processes. When given (training only), no reduction runs and only grad_input is computed.
+  const void* mean_dy;
+  const void* mean_dy_xhat;
   void* grad_input;   // each output may be null when not requested
   void* grad_weight;
   void* grad_bias;

@@ -395,6 +395,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
       return {double(r.size()), double(mean), double(m2_total)};
     };
     reduce_planes<Stats>(pb, a.num_threads, reduce, merge_moments<double>, finish);
+    if (!y) return;
     for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
       normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
     });
@@ -433,7 +434,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
   auto apply = [&](int64_t b) {
     normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
   };
-  for_rows<Acc>(rb, a.num_threads, true, true, reduce, merge_channel, apply);
+  for_rows<Acc>(rb, a.num_threads, true, y != nullptr, reduce, merge_channel, apply);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,27 +492,40 @@ void backward_impl(const BackwardArgs& a) {
   const int64_t C = g.channels;
   const int64_t count = g.outer * g.inner;
   GradCoefficients<Acc> coef(C);
-  // The sums are needed for the parameter grads, and for dx only when training.
-  const bool has_reduce = grad_weight || grad_bias || (dx && a.training);
+  const auto* mean_dy = static_cast<const Acc*>(a.mean_dy);
+  const auto* mean_dy_xhat = static_cast<const Acc*>(a.mean_dy_xhat);
+  // The sums are needed for the parameter grads, and for dx only when training on this process's
+  // batch alone (SyncBatchNorm hands in the global ones).
+  const bool has_reduce = !mean_dy && (grad_weight || grad_bias || (dx && a.training));
   const bool has_apply = dx && count > 0;
 
   struct Sums {
     double dy, dy_xmu;
   };
-  auto finish = [&](int64_t c, const Sums& s) {
-    // Per-channel maths in double: C values, free, and it keeps float32 grads as exact as torch's.
-    const double invstd = inverse_std(double(var_in[c]), a.eps);
-    if (grad_weight) grad_weight[c] = Acc(s.dy_xmu * invstd);
-    if (grad_bias) grad_bias[c] = Acc(s.dy);
-    const auto k = input_grad_coefficients(invstd, double(param_or<Acc>(a.weight, c, Acc(1))), s.dy, s.dy_xmu,
-                                           double(count), a.training);
+  // Per-channel maths in double: C values, free, and it keeps float32 grads as exact as torch's.
+  auto set_coefficients = [&](int64_t c, double invstd, double sum_dy, double sum_dy_xmu, double n, bool training) {
+    const auto k =
+        input_grad_coefficients(invstd, double(param_or<Acc>(a.weight, c, Acc(1))), sum_dy, sum_dy_xmu, n, training);
     coef.mean[c] = mean_in[c];
     coef.dy_scale[c] = k.dy_scale;
     coef.xmu_scale[c] = k.xmu_scale;
     coef.shift[c] = k.shift;
   };
-  if (!has_reduce || count == 0)
+  auto finish = [&](int64_t c, const Sums& s) {
+    const double invstd = inverse_std(double(var_in[c]), a.eps);
+    if (grad_weight) grad_weight[c] = Acc(s.dy_xmu * invstd);
+    if (grad_bias) grad_bias[c] = Acc(s.dy);
+    set_coefficients(c, invstd, s.dy, s.dy_xmu, double(count), a.training);
+  };
+  if (mean_dy) {
+    // Global means are the sums over a batch of one: dx = w * invstd * (dy - mean_dy - x_hat * mean_dy_xhat).
+    for (int64_t c = 0; c < C; ++c) {
+      const double invstd = inverse_std(double(var_in[c]), a.eps);
+      set_coefficients(c, invstd, double(mean_dy[c]), double(mean_dy_xhat[c]) / invstd, 1.0, true);
+    }
+  } else if (!has_reduce || count == 0) {
     for (int64_t c = 0; c < C; ++c) finish(c, Sums{0, 0});
+  }
   if (count == 0 || (!has_reduce && !has_apply)) return;
 
   if (g.inner > 1) {

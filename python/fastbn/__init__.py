@@ -30,14 +30,14 @@ _build_config = _check_build()
 from . import functional  # noqa: E402
 from ._ops import _C  # noqa: E402
 from .fold import FoldReport, fold  # noqa: E402
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert  # noqa: E402
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert  # noqa: E402
 
 if os.environ.get("FASTBN_SIMD") and os.environ["FASTBN_SIMD"] != _C.build_info()["simd"]:
     warnings.warn(f"FASTBN_SIMD={os.environ['FASTBN_SIMD']!r} names no kernel set this CPU can run (avx512, avx2, "
                   f"baseline); using {_C.build_info()['simd']}", RuntimeWarning, stacklevel=2)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "fold", "FoldReport", "functional", "build_info",
-           "__version__"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "fold", "FoldReport",
+           "functional", "build_info", "__version__"]
 
 
 def build_info():

@@ -11,6 +11,8 @@ batch_norm_train = torch.ops.fastbn.batch_norm_train.default
 batch_norm_eval = torch.ops.fastbn.batch_norm_eval.default
 batch_norm_backward = torch.ops.fastbn.batch_norm_backward.default
 update_running_stats = torch.ops.fastbn.update_running_stats.default
+batch_norm_stats = torch.ops.fastbn.batch_norm_stats.default
+batch_norm_backward_elemt = torch.ops.fastbn.batch_norm_backward_elemt.default
 
 
 def acc_dtype(dtype):
@@ -55,6 +57,16 @@ def _(grad_output, input, weight, mean, var, eps, training, output_mask):
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=acc)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=acc)
     return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("fastbn::batch_norm_stats")
+def _(input):
+    return _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward_elemt")
+def _(grad_output, input, weight, mean, var, eps, mean_dy, mean_dy_xhat):
+    return torch.empty_like(input, memory_format=kernel_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::update_running_stats")

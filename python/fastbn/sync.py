@@ -1,0 +1,90 @@
+"""SyncBatchNorm's maths on torch.distributed (the module is fastbn.SyncBatchNorm): batch statistics
+over every process's batch, for CPU tensors (gloo) as well as CUDA ones (NCCL).
+
+Forward: each process reduces its batch to (count, mean, M2) per channel with the fused kernel, one
+all_gather shares them, every process merges them exactly (Chan's formula, in float64, in rank
+order, so all processes hold bit-identical statistics) and normalizes with the fused kernel.
+Backward: the per-channel sum(dy) and sum(dy * x_hat) are one all_reduce, then one fused pass
+computes the input gradient. Weight and bias gradients stay local, as in torch's SyncBatchNorm:
+DistributedDataParallel reduces them with every other parameter gradient.
+"""
+import torch
+import torch.distributed as dist
+from ._ops import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_eval, batch_norm_stats,
+                   update_running_stats)
+from .functional import _values_per_channel
+
+__all__ = ["sync_batch_norm"]
+
+
+def sync_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group,
+                    world_size):
+    """Training BatchNorm over the batches of every process in `group` (of `world_size` > 1 processes);
+    running statistics, when given, are updated with the global ones on every process."""
+    return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                        eps, group, world_size)
+
+
+def _all_gather(tensor, group, world_size):
+    """(world_size, *tensor.shape): every process's tensor, in rank order."""
+    gathered = tensor.new_empty(world_size * tensor.numel())  # the concatenated form: gloo takes no other
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
+    gather_single(gathered, tensor, group=group)
+    return gathered.view(world_size, *tensor.shape)
+
+
+def _merge_moments(gathered, channels):
+    """Chan's merge of per-process (count, mean, M2) rows, all at once: the exact mean first, then
+    M2 = sum(M2_r + n_r (mean_r - mean)^2). Empty processes (n_r = 0) contribute nothing."""
+    counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
+    total = counts.sum(0)
+    mean = (counts * means).sum(0) / total.clamp(min=1)
+    m2 = (m2s + counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2 / total.clamp(min=1)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training forward and backward across processes. The collectives cannot live inside the ops,
+    so they are sequenced here, between fastbn's fused ops."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group,
+                world_size):
+        channels = input.shape[1]
+        local_mean, local_var = batch_norm_stats(input)
+        local_count = _values_per_channel(input.shape)
+        # One row per process: count, mean, M2 in float64 (exact counts, and a merge as exact as the kernels').
+        local = torch.cat([local_mean.new_full((1,), local_count), local_mean, local_var * local_count]).double()
+        total, mean, var = _merge_moments(_all_gather(local, group, world_size), channels)
+        # The Bessel correction and torch's check need the global count on the host: free on the CPU,
+        # one synchronization on CUDA (torch's SyncBatchNorm synchronizes there too).
+        count = int(total.item())
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} across "
+                             f"{world_size} processes (input size {tuple(input.shape)} on this one)")
+        mean, var = mean.to(local_mean.dtype), var.to(local_mean.dtype)
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count)
+        ctx.save_for_backward(input, weight, mean, var)
+        ctx.eps, ctx.count, ctx.group, ctx.world_size = eps, count, group, world_size
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return batch_norm_eval(input, weight, bias, mean, var, ctx.eps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, mean, var = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # Local sum(dy * x_hat) and sum(dy): the eval-mode parameter grads at the global statistics.
+        _, sum_dy_xhat, sum_dy = batch_norm_backward(grad_output, input, weight, mean, var, ctx.eps, False,
+                                                     [False, True, True])
+        grad_input = None
+        if need_input:
+            sums = torch.cat([sum_dy, sum_dy_xhat])
+            dist.all_reduce(sums, group=ctx.group)
+            mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
+            grad_input = batch_norm_backward_elemt(grad_output, input, weight, mean, var, ctx.eps, mean_dy,
+                                                   mean_dy_xhat)
+        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
