@@ -1,15 +1,17 @@
 """SyncBatchNorm's maths on torch.distributed (the module is fastbn.SyncBatchNorm): batch statistics
 over every process's batch, for CPU tensors (gloo) as well as CUDA ones (NCCL).
 
-Forward: each process reduces its batch to (count, mean, M2) per channel with the fused kernel, one
-all_gather shares them, every process merges them exactly (Chan's formula, in float64, in rank
-order, so all processes hold bit-identical statistics) and normalizes with the fused kernel.
+Forward: each process reduces its batch to (count, mean, variance) per channel with the fused kernel,
+one all_gather shares them, every process merges them exactly (Chan's formula, in float64, in rank
+order, so all processes hold bit-identical statistics; no round trip through invstd as in torch's)
+and normalizes with the fused kernel.
 Backward: the per-channel sum(dy) and sum(dy * x_hat) are one all_reduce, then one fused pass
 computes the input gradient. Weight and bias gradients stay local, as in torch's SyncBatchNorm:
 DistributedDataParallel reduces them with every other parameter gradient.
 """
 import torch
 import torch.distributed as dist
+
 from ._ops import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_eval, batch_norm_stats,
                    update_running_stats)
 from .functional import _values_per_channel
@@ -33,13 +35,27 @@ def _all_gather(tensor, group, world_size):
     return gathered.view(world_size, *tensor.shape)
 
 
+# Counts travel as two numbers below 2**24, so they stay exact in float32 (2**48 values per channel).
+_COUNT_SPLIT = 2**24
+
+
+def _pack_moments(count, mean, var):
+    """One process's row: count (split in two exact parts), mean and biased variance per channel,
+    in the statistics' own dtype (float32, or float64 for float64 input): 2C + 2 values."""
+    parts = mean.new_tensor([count // _COUNT_SPLIT, count % _COUNT_SPLIT])
+    return torch.cat([parts, mean, var])
+
+
 def _merge_moments(gathered, channels):
-    """Chan's merge of per-process (count, mean, M2) rows, all at once: the exact mean first, then
-    M2 = sum(M2_r + n_r (mean_r - mean)^2). Empty processes (n_r = 0) contribute nothing."""
-    counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
+    """Chan's merge of every process's row, all at once and in float64: the exact mean first, then
+    M2 = sum(n_r var_r + n_r (mean_r - mean)^2). Empty processes (n_r = 0) contribute nothing.
+    Returns the total count (a 1-element tensor), the mean and the biased variance."""
+    rows = gathered.double()
+    counts = rows[:, :1] * _COUNT_SPLIT + rows[:, 1:2]
+    means, variances = rows[:, 2:channels + 2], rows[:, channels + 2:]
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total.clamp(min=1)
-    m2 = (m2s + counts * (means - mean) ** 2).sum(0)
+    m2 = (counts * (variances + (means - mean) ** 2)).sum(0)
     return total, mean, m2 / total.clamp(min=1)
 
 
@@ -52,9 +68,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 world_size):
         channels = input.shape[1]
         local_mean, local_var = batch_norm_stats(input)
-        local_count = _values_per_channel(input.shape)
-        # One row per process: count, mean, M2 in float64 (exact counts, and a merge as exact as the kernels').
-        local = torch.cat([local_mean.new_full((1,), local_count), local_mean, local_var * local_count]).double()
+        local = _pack_moments(_values_per_channel(input.shape), local_mean, local_var)
         total, mean, var = _merge_moments(_all_gather(local, group, world_size), channels)
         # The Bessel correction and torch's check need the global count on the host: free on the CPU,
         # one synchronization on CUDA (torch's SyncBatchNorm synchronizes there too).
