@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastbn.bench import Case, preset_cases, run_cases
 from fastbn.bench.cases import parse_shape
 from fastbn.bench.cli import main
+from fastbn.bench.distributed import SHAPES as SYNC_SHAPES
 from fastbn.bench.impls import naive_batch_norm
 from fastbn.bench.report import table
 
@@ -83,3 +84,16 @@ def test_inference_model_folds_completely():
     from fastbn.bench.inference import small_resnet
     _, report = fold(small_resnet(), return_report=True)
     assert len(report.folded) == 20 and report.left == []
+
+
+def test_cli_sync_case(tmp_path, capsys):
+    out_json = tmp_path / "sync.json"
+    main(["--sync", "--reps", "1", "--json", str(out_json)])
+    records = json.loads(out_json.read_text())["results"]
+    assert [tuple(r["shape"]) for r in records] == [tuple(s) for s in SYNC_SHAPES]
+    for r in records:
+        channels = r["channels"]
+        # forward: one row of 2C + 2 float32 values; backward: 2C float32 sums
+        assert r["bytes_sent"] == {"all_gather_single": 4 * (2 * channels + 2), "all_reduce": 4 * 2 * channels}
+        assert r["fastbn_sync_ms"] > 0 and r["torch_local_ms"] > 0
+    assert "sync cost" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """python -m fastbn.bench: fastbn against torch, inductor, a naive BatchNorm and the copy floor."""
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -9,6 +10,7 @@ import torch
 import fastbn
 
 from .cases import DTYPES, OPS, PRESETS, parse_shape, preset_cases
+from .distributed import distributed_table, run_distributed_bench
 from .impls import IMPLS
 from .inference import inference_table, run_inference
 from .report import table, write_json, write_plot
@@ -49,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--inference", action="store_true",
                    help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
                         "folded into the convolutions (fastbn.fold)")
+    p.add_argument("--sync", action="store_true",
+                   help="instead of the ops: fastbn.SyncBatchNorm across --world-size gloo processes on this "
+                        "machine (bytes sent per layer, step time against unsynchronized BatchNorm)")
+    p.add_argument("--world-size", type=int, default=2, help="processes for --sync (default 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--reps", type=int, default=15, help="timed calls per implementation and op (default 15)")
     p.add_argument("--fresh-pages", action="store_true", help="leave glibc's default memory policy")
@@ -57,6 +63,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch")
+    if args.sync and args.device != "cpu":
+        p.error("--sync measures CPU processes joined by gloo; it takes no --device")
+    if args.sync and args.world_size < 2:
+        p.error("--world-size: at least 2 processes")
     if args.device == "cuda" and not fastbn.build_info()["cuda_compiled"]:
         p.error("--device cuda: this fastbn was built without CUDA kernels")
     if "floor" not in args.impls:
@@ -75,15 +85,19 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
 def _progress(total):
-    """A tqdm bar on a terminal; nothing when tqdm is missing or output is captured."""
-    if not sys.stderr.isatty():
-        return None
+    """Yields a callable advancing a tqdm bar on a terminal; one doing nothing when tqdm is missing
+    or output is captured."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return None
-    return tqdm(total=total, desc="benchmark", unit="op", leave=False)
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    with tqdm(total=total, desc="benchmark", unit="op", leave=False) as bar:
+        yield bar.update
 
 
 def main(argv=None):
@@ -98,30 +112,35 @@ def main(argv=None):
             "machine": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(), "preset": args.preset, "reps": args.reps,
             "memory": "reused" if reused else "fresh pages"}
-    header = (f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device} ({meta['machine']}), "
-              f"{meta['threads']} threads, ")
-    if args.inference:
+    header = f"fastbn {meta['fastbn']} ({meta['simd']}), torch {meta['torch']}, {args.device} ({meta['machine']}), "
+    if args.sync:
+        meta.update(preset="sync", threads=1, world_size=args.world_size)
+        print(header + f"1 thread per process, SyncBatchNorm over {args.world_size} gloo processes, "
+              f"median of {args.reps} steps")
+        records = run_distributed_bench(args.world_size, args.reps)
+        report = distributed_table(records)
+    elif args.inference:
         meta["preset"] = "inference"
         layouts = args.layout or ["nchw", "nhwc"]
-        print(header + f"inference of a small ResNet-18, batch 1 and 16, median of {args.reps}, cold caches")
-        bar = _progress(2 * len(layouts))
-        records = run_inference(layouts=layouts, reps=args.reps, device=args.device,
-                                progress=bar.update if bar else None)
+        print(header + f"{meta['threads']} threads, inference of a small ResNet-18, batch 1 and 16, "
+              f"median of {args.reps}, cold caches")
+        with _progress(2 * len(layouts)) as bar:
+            records = run_inference(layouts=layouts, reps=args.reps, device=args.device, progress=bar)
         report = inference_table(records)
     else:
         cases = preset_cases(args.preset, args.layout, args.dtype, args.shape)
-        print(header + f"preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, median of {args.reps}, "
-              f"cold caches, {meta['memory']}")
-        bar = _progress(len(cases) * len(args.ops))
-        records = run_cases(cases, args.ops, args.impls, args.reps, args.device, bar.update if bar else None)
+        print(header + f"{meta['threads']} threads, preset {args.preset}: {len(cases)} cases x {len(args.ops)} ops, "
+              f"median of {args.reps}, cold caches, {meta['memory']}")
+        with _progress(len(cases) * len(args.ops)) as bar:
+            records = run_cases(cases, args.ops, args.impls, args.reps, args.device, bar)
         report = table(records)
-    if bar:
-        bar.close()
     print(report)
     if args.json:
         write_json(records, args.json, meta)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and args.sync:
+        print("--plot: nothing to plot for --sync")
+    elif args.plot:
         write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {meta['preset']}")
         print(f"wrote {args.plot}")
     return records
