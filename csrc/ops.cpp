@@ -23,6 +23,26 @@ TORCH_LIBRARY(fastbn, m) {
       " float eps, bool training, bool[3] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
+  // BatchNorm fused with a residual add and an activation: output = act(BN(input) + residual).
+  // activation: 0 identity, 1 relu, 2 leaky_relu, 3 elu, 4 silu; activation_param: leaky_relu's
+  // slope, elu's alpha. memory_efficient tells autograd to save the output instead of the input.
+  m.def(
+      "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+      " int activation, float activation_param, bool memory_efficient)"
+      " -> (Tensor output, Tensor mean, Tensor var)",
+      tags);
+  m.def(
+      "batch_norm_act_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean,"
+      " Tensor running_var, float eps, int activation, float activation_param, bool memory_efficient) -> Tensor",
+      tags);
+  // saved is the input, or the forward's output when saved_is_output (identity and leaky_relu only).
+  // grad_residual is the gradient at the pre-activation, which is also the residual's.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor saved, bool saved_is_output, Tensor? weight,"
+      " Tensor? bias, Tensor? residual, Tensor mean, Tensor var, float eps, bool training, int activation,"
+      " float activation_param, bool[4] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+      tags);
   // SyncBatchNorm's pieces. The statistics of this process's batch (mean and biased variance);
   // then, once the global ones are reduced across processes, batch_norm_eval normalizes with them.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)", tags);

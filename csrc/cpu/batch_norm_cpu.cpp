@@ -32,6 +32,12 @@ cpu::Geometry kernel_geometry(const Tensor& input, at::MemoryFormat format) {
 
 const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+Activation checked_activation(int64_t code) {
+  TORCH_CHECK(code >= 0 && code <= int64_t(Activation::SiLU), "batch_norm_act: unknown activation code ", code,
+              " (0 identity, 1 relu, 2 leaky_relu, 3 elu, 4 silu)");
+  return static_cast<Activation>(code);
+}
+
 // The input as the kernels read it (laid out in its kernel memory format), and how they see it.
 struct KernelInput {
   at::MemoryFormat format;
@@ -51,36 +57,80 @@ struct KernelInput {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const optional<Tensor>& weight,
-                                                        const optional<Tensor>& bias, double eps) {
+// The residual laid out as the input (the kernels walk both in the same order), checked.
+Tensor residual_like(const optional<Tensor>& residual, const KernelInput& in, const Tensor& input) {
+  if (!residual.has_value() || !residual->defined()) return Tensor();
+  TORCH_CHECK(residual->sizes() == input.sizes(), "batch_norm_act: residual has shape ", residual->sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "batch_norm_act: residual has dtype ",
+              residual->scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), "batch_norm_act: residual is on ", residual->device(),
+              " but input is on ", input.device());
+  return residual->contiguous(in.format);
+}
+
+cpu::Epilogue make_epilogue(const Tensor& residual, int64_t activation, double param) {
+  return {data_or_null(residual), checked_activation(activation), param};
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_forward(const Tensor& input, const optional<Tensor>& weight,
+                                                 const optional<Tensor>& bias, const optional<Tensor>& residual,
+                                                 double eps, int64_t activation, double param) {
   check_input(input);
   check_param(weight, "weight", input);
   check_param(bias, "bias", input);
   const KernelInput in(input);
+  const Tensor r = residual_like(residual, in, input);
   Tensor output = in.new_output();
   Tensor mean = in.new_channel_stat(in.geometry.channels), var = in.new_channel_stat(in.geometry.channels);
   const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   cpu::active_kernels().train_forward({in.dtype, in.geometry, in.x.const_data_ptr(), output.data_ptr(),
                                        data_or_null(w), data_or_null(b), mean.data_ptr(), var.data_ptr(), eps,
-                                       at::get_num_threads()});
+                                       at::get_num_threads(), make_epilogue(r, activation, param)});
   return {output, mean, var};
 }
 
-Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-                           const Tensor& running_mean, const Tensor& running_var, double eps) {
+Tensor eval_forward(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const optional<Tensor>& residual, const Tensor& running_mean, const Tensor& running_var,
+                    double eps, int64_t activation, double param) {
   check_input(input);
   check_param(weight, "weight", input);
   check_param(bias, "bias", input);
   check_param(running_mean, "running_mean", input);
   check_param(running_var, "running_var", input);
   const KernelInput in(input);
+  const Tensor r = residual_like(residual, in, input);
   Tensor output = in.new_output();
   const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   const Tensor mean = param_as_acc(running_mean, in.x), var = param_as_acc(running_var, in.x);
   cpu::active_kernels().eval_forward({in.dtype, in.geometry, in.x.const_data_ptr(), output.data_ptr(),
                                       data_or_null(w), data_or_null(b), mean.const_data_ptr(), var.const_data_ptr(),
-                                      eps, at::get_num_threads()});
+                                      eps, at::get_num_threads(), make_epilogue(r, activation, param)});
   return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const optional<Tensor>& weight,
+                                                        const optional<Tensor>& bias, double eps) {
+  return train_forward(input, weight, bias, std::nullopt, eps, 0, 0.0);
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                           const Tensor& running_mean, const Tensor& running_var, double eps) {
+  return eval_forward(input, weight, bias, std::nullopt, running_mean, running_var, eps, 0, 0.0);
+}
+
+// memory_efficient only tells autograd what to save (see python/fastbn/_ops.py); the forward is the same.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cpu(const Tensor& input, const optional<Tensor>& weight,
+                                                            const optional<Tensor>& bias,
+                                                            const optional<Tensor>& residual, double eps,
+                                                            int64_t activation, double param, bool) {
+  return train_forward(input, weight, bias, residual, eps, activation, param);
+}
+
+Tensor batch_norm_act_eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                               const optional<Tensor>& residual, const Tensor& running_mean,
+                               const Tensor& running_var, double eps, int64_t activation, double param, bool) {
+  return eval_forward(input, weight, bias, residual, running_mean, running_var, eps, activation, param);
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
@@ -105,25 +155,56 @@ Tensor check_backward_args(const Tensor& grad_output, const KernelInput& in, con
   return grad_output.contiguous(in.format);  // the kernels walk both in the same order
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                           const optional<Tensor>& weight, const Tensor& mean,
-                                                           const Tensor& var, double eps, bool training,
-                                                           std::array<bool, 3> output_mask) {
-  check_input(input);
-  const KernelInput in(input);
-  const Tensor dy = check_backward_args(grad_output, in, input, weight, mean, var);
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& saved, bool saved_is_output,
+                                                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                                    const optional<Tensor>& residual, const Tensor& mean,
+                                                    const Tensor& var, double eps, bool training, int64_t activation,
+                                                    double param, std::array<bool, 4> output_mask) {
+  check_input(saved);
+  const KernelInput in(saved);
+  const Tensor dy = check_backward_args(grad_output, in, saved, weight, mean, var);
+  check_param(bias, "bias", saved);
+  const Tensor r = residual_like(residual, in, saved);
+  const cpu::Epilogue epilogue = make_epilogue(r, activation, param);
+  TORCH_CHECK(!saved_is_output || epilogue.activation == Activation::Identity ||
+                  (epilogue.activation == Activation::LeakyReLU && param > 0),
+              "batch_norm_act_backward: the input can be recovered from the output only for identity and "
+              "leaky_relu with a positive slope");
   const int64_t channels = in.geometry.channels;
   Tensor grad_input = output_mask[0] ? in.new_output() : at::empty({0}, in.x.options());
   Tensor grad_weight = in.new_channel_stat(output_mask[1] ? channels : 0);
   Tensor grad_bias = in.new_channel_stat(output_mask[2] ? channels : 0);
-  const Tensor w = param_as_acc(weight, in.x);
+  Tensor grad_residual = output_mask[3] ? in.new_output() : at::empty({0}, in.x.options());
+  const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
-  cpu::active_kernels().backward({in.dtype, in.geometry, dy.const_data_ptr(), in.x.const_data_ptr(), data_or_null(w),
-                                  m.const_data_ptr(), v.const_data_ptr(), eps, training, nullptr, nullptr,
-                                  output_mask[0] ? grad_input.data_ptr() : nullptr,
-                                  output_mask[1] ? grad_weight.data_ptr() : nullptr,
-                                  output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()});
-  return {grad_input, grad_weight, grad_bias};
+  cpu::BackwardArgs args{in.dtype, in.geometry, dy.const_data_ptr(), saved_is_output ? nullptr : in.x.const_data_ptr(),
+                         data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps, training, nullptr, nullptr,
+                         output_mask[0] ? grad_input.data_ptr() : nullptr,
+                         output_mask[1] ? grad_weight.data_ptr() : nullptr,
+                         output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()};
+  args.epilogue = epilogue;
+  args.bias = data_or_null(b);
+  args.output = saved_is_output ? in.x.const_data_ptr() : nullptr;
+  args.grad_residual = output_mask[3] ? grad_residual.data_ptr() : nullptr;
+  cpu::active_kernels().backward(args);
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                           const optional<Tensor>& weight, const Tensor& mean,
+                                                           const Tensor& var, double eps, bool training,
+                                                           std::array<bool, 3> output_mask) {
+  auto [gi, gw, gb, gr] = backward(grad_output, input, false, weight, std::nullopt, std::nullopt, mean, var, eps,
+                                   training, 0, 0.0, {output_mask[0], output_mask[1], output_mask[2], false});
+  return {gi, gw, gb};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_output, const Tensor& saved, bool saved_is_output, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& residual, const Tensor& mean, const Tensor& var, double eps,
+    bool training, int64_t activation, double param, std::array<bool, 4> output_mask) {
+  return backward(grad_output, saved, saved_is_output, weight, bias, residual, mean, var, eps, training, activation,
+                  param, output_mask);
 }
 
 Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
@@ -151,6 +232,9 @@ TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_act_train", &batch_norm_act_train_cpu);
+  m.impl("batch_norm_act_eval", &batch_norm_act_eval_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("update_running_stats", &update_running_stats);  // device-generic ATen maths

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "../batch_norm_math.h"
+
 namespace fastbn::cpu {
 
 enum class Dtype : int { Float32, Float64, Float16, BFloat16 };
@@ -14,6 +16,14 @@ struct Geometry {
   int64_t outer;
   int64_t channels;
   int64_t inner;
+};
+
+// What follows the affine map in the fused ops: y = act(affine(x) + residual). The default is
+// plain BatchNorm.
+struct Epilogue {
+  const void* residual = nullptr;  // same shape, layout and dtype as the input, or null
+  Activation activation = Activation::Identity;
+  double param = 0;  // leaky_relu's negative slope, elu's alpha
 };
 
 // Per-channel pointers (weight, bias, mean, var, grads) point to the accumulation type:
@@ -29,6 +39,7 @@ struct TrainForwardArgs {
   void* var;   // out: biased batch variance
   double eps;
   int num_threads;
+  Epilogue epilogue{};
 };
 
 struct EvalForwardArgs {
@@ -42,6 +53,7 @@ struct EvalForwardArgs {
   const void* var;
   double eps;
   int num_threads;
+  Epilogue epilogue{};
 };
 
 struct BackwardArgs {
@@ -62,6 +74,13 @@ struct BackwardArgs {
   void* grad_weight;
   void* grad_bias;
   int num_threads;
+  // The fused ops: grad_output is the gradient of act(affine(x) + residual). `bias` is needed to
+  // recompute the pre-activation. With `output` set (and `input` null) x is recovered from the
+  // forward's output (memory-efficient mode; identity and leaky_relu with slope > 0 only).
+  Epilogue epilogue{};
+  const void* bias = nullptr;
+  const void* output = nullptr;
+  void* grad_residual = nullptr;  // the gradient before the affine map, act'(z) * grad_output
 };
 
 struct KernelTable {

@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -305,34 +306,78 @@ Acc param_or(const void* p, int64_t c, Acc fallback) {
   return p ? static_cast<const Acc*>(p)[c] : fallback;
 }
 
+// Calls fn(tag) with the activation as a compile-time constant (tag's ::value), so that every
+// elementwise loop is compiled, and vectorized, for its activation.
+template <Activation A>
+using ActivationTag = std::integral_constant<Activation, A>;
+
+// ELU and SiLU call exp(), which GCC vectorizes only under -ffast-math: their loops stay scalar
+// (tools/check_vectorization.py builds with FASTBN_VECTORIZATION_CHECK to check all the others).
+template <typename Fn>
+void with_activation(Activation a, Fn fn) {
+  switch (a) {
+    case Activation::Identity: return fn(ActivationTag<Activation::Identity>{});
+    case Activation::ReLU: return fn(ActivationTag<Activation::ReLU>{});
+    case Activation::LeakyReLU: return fn(ActivationTag<Activation::LeakyReLU>{});
+#ifndef FASTBN_VECTORIZATION_CHECK
+    case Activation::ELU: return fn(ActivationTag<Activation::ELU>{});
+    case Activation::SiLU: return fn(ActivationTag<Activation::SiLU>{});
+#else
+    default: return;
+#endif
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// y = (x - mean) * scale + bias over one block, shared by training and eval forward.
-template <Dtype D, typename Acc = typename Traits<D>::acc>
+// y = act((x - mean) * scale + bias [+ residual]) over one block, shared by training and eval
+// forward. Plain BatchNorm is the identity without residual.
+template <Dtype D, Activation A, typename Acc = typename Traits<D>::acc>
 void normalize_plane_block(const typename Traits<D>::storage* __restrict__ x,
+                           const typename Traits<D>::storage* __restrict__ residual,
                            typename Traits<D>::storage* __restrict__ y, const PlaneBlocks& pb,
-                           const BlockRange& r, int64_t c, Acc mean, Acc scale, Acc bias) {
+                           const BlockRange& r, int64_t c, Acc mean, Acc scale, Acc bias, Acc param) {
   using K = Traits<D>;
+  using F = ActivationFn<A>;
   for (int64_t n = r.n0; n < r.n1; ++n) {
     const int64_t off = (n * pb.C + c) * pb.S;
+    if (residual) {
 #pragma omp simd
-    for (int64_t s = r.s0; s < r.s1; ++s) y[off + s] = K::store((K::load(x[off + s]) - mean) * scale + bias);
+      for (int64_t s = r.s0; s < r.s1; ++s)
+        y[off + s] =
+            K::store(F::forward((K::load(x[off + s]) - mean) * scale + bias + K::load(residual[off + s]), param));
+    } else {
+#pragma omp simd
+      for (int64_t s = r.s0; s < r.s1; ++s)
+        y[off + s] = K::store(F::forward((K::load(x[off + s]) - mean) * scale + bias, param));
+    }
   }
 }
 
-template <Dtype D, typename Acc = typename Traits<D>::acc>
+template <Dtype D, Activation A, typename Acc = typename Traits<D>::acc>
 void normalize_row_block(const typename Traits<D>::storage* __restrict__ x,
+                         const typename Traits<D>::storage* __restrict__ residual,
                          typename Traits<D>::storage* __restrict__ y, const RowBlocks& rb, int64_t b,
                          const Acc* __restrict__ mean, const Acc* __restrict__ scale,
-                         const Acc* __restrict__ bias) {
+                         const Acc* __restrict__ bias, Acc param) {
   using K = Traits<D>;
+  using F = ActivationFn<A>;
   const int64_t C = rb.C;
   for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+    const int64_t off = m * C;
+    if (residual) {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) y[m * C + c] = K::store((K::load(x[m * C + c]) - mean[c]) * scale[c] + bias[c]);
+      for (int64_t c = 0; c < C; ++c)
+        y[off + c] = K::store(
+            F::forward((K::load(x[off + c]) - mean[c]) * scale[c] + bias[c] + K::load(residual[off + c]), param));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c)
+        y[off + c] = K::store(F::forward((K::load(x[off + c]) - mean[c]) * scale[c] + bias[c], param));
+    }
   }
 }
 
-// Per-channel (mean, scale, bias) for y = (x - mean) * scale + bias.
+// Per-channel (mean, scale, bias) for y = act((x - mean) * scale + bias [+ residual]).
 template <typename Acc>
 struct AffineTable {
   std::vector<Acc> mean, scale, bias;
@@ -343,6 +388,29 @@ struct AffineTable {
     bias[c] = param_or<Acc>(bias_p, c, Acc(0));
   }
 };
+
+// The elementwise pass of both forwards, over the whole tensor.
+template <Dtype D, typename Acc>
+void normalize(const typename Traits<D>::storage* x, typename Traits<D>::storage* y, const Geometry& g,
+               const AffineTable<Acc>& affine, const Epilogue& epilogue, int num_threads) {
+  const auto* residual = static_cast<const typename Traits<D>::storage*>(epilogue.residual);
+  const Acc param = Acc(epilogue.param);
+  with_activation(epilogue.activation, [&](auto act) {
+    constexpr Activation A = decltype(act)::value;
+    if (g.inner > 1) {
+      const PlaneBlocks pb = plane_blocks(g);
+      for_planes_in_memory_order(g, num_threads, [&](int64_t c, const BlockRange& r) {
+        normalize_plane_block<D, A>(x, residual, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c], param);
+      });
+      return;
+    }
+    const RowBlocks rb = row_blocks(g);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < rb.count; ++b)
+      normalize_row_block<D, A>(x, residual, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data(),
+                                param);
+  });
+}
 
 // ---------------------------------------------------------------------------------------------
 // Training forward: a blocked pass for the batch statistics, then one normalize-and-affine pass.
@@ -395,10 +463,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
       return {double(r.size()), double(mean), double(m2_total)};
     };
     reduce_planes<Stats>(pb, a.num_threads, reduce, merge_moments<double>, finish);
-    if (!y) return;
-    for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
-      normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
-    });
+    if (y) normalize<D>(x, y, g, affine, a.epilogue, a.num_threads);
     return;
   }
 
@@ -431,10 +496,8 @@ void train_forward_impl(const TrainForwardArgs& a) {
     }
     finish(c, Stats{double(rb.M), total_mean, total_m2});
   };
-  auto apply = [&](int64_t b) {
-    normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
-  };
-  for_rows<Acc>(rb, a.num_threads, true, y != nullptr, reduce, merge_channel, apply);
+  for_rows<Acc>(rb, a.num_threads, true, false, reduce, merge_channel, [](int64_t) {});
+  if (y) normalize<D>(x, y, g, affine, a.epilogue, a.num_threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,38 +515,53 @@ void eval_forward_impl(const EvalForwardArgs& a) {
   const auto* mean = static_cast<const Acc*>(a.mean);
   const auto* var = static_cast<const Acc*>(a.var);
   for (int64_t c = 0; c < C; ++c) affine.set(c, mean[c], Acc(inverse_std(double(var[c]), a.eps)), a.weight, a.bias);
-
-  if (g.inner > 1) {
-    const PlaneBlocks pb = plane_blocks(g);
-    for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
-      normalize_plane_block<D>(x, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c]);
-    });
-    return;
-  }
-  const RowBlocks rb = row_blocks(g);
-#pragma omp parallel for num_threads(a.num_threads) schedule(static)
-  for (int64_t b = 0; b < rb.count; ++b)
-    normalize_row_block<D>(x, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data());
+  normalize<D>(x, y, g, affine, a.epilogue, a.num_threads);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: per channel sum(dy) and sum(dy * (x - mean)) in one blocked pass, then
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift in a second, elementwise pass.
+// Backward: per channel sum(g) and sum(g * (x - mean)) in one blocked pass, then
+// dx = g * dy_scale + (x - mean) * xmu_scale + shift in a second, elementwise pass. g is the
+// gradient at the pre-activation z = (x - mean) * scale + bias [+ residual]: act'(z) * grad_output
+// (grad_output itself for plain BatchNorm). In memory-efficient mode (FromOutput) the forward's
+// output y stands in for x: z = act^-1(y) and x - mean = (z - bias - residual) / scale.
 template <typename Acc>
 struct GradCoefficients {
-  std::vector<Acc> mean, dy_scale, xmu_scale, shift;
-  explicit GradCoefficients(int64_t C) : mean(C), dy_scale(C), xmu_scale(C), shift(C) {}
+  std::vector<Acc> dy_scale, xmu_scale, shift;
+  explicit GradCoefficients(int64_t C) : dy_scale(C), xmu_scale(C), shift(C) {}
 };
 
-template <Dtype D>
+// One element's x - mean and g, from the saved value (x, or y when FromOutput), the residual (0
+// when there is none) and its channel's parameters. inv_scale is 1 / scale (0 where scale is 0).
+template <Dtype D, Activation A, bool FromOutput>
+struct ElementGrad {
+  using K = Traits<D>;
+  using F = ActivationFn<A>;
+  using T = typename K::storage;
+  template <typename R>
+  static R xmu(T saved, R res, R mean, R bias, R inv_scale, R param) {
+    if constexpr (FromOutput) return (F::inverse(R(K::load(saved)), param) - bias - res) * inv_scale;
+    else return R(K::load(saved)) - mean;
+  }
+  template <typename R>
+  static R grad(R dy, T saved, R xmu, R res, R scale, R bias, R param) {
+    if constexpr (A == Activation::Identity) return dy;
+    else if constexpr (FromOutput) return F::grad_from_output(dy, R(K::load(saved)), param);
+    else return F::grad(dy, xmu * scale + bias + res, param);
+  }
+};
+
+template <Dtype D, Activation A, bool FromOutput, bool HasResidual>
 void backward_impl(const BackwardArgs& a) {
   using K = Traits<D>;
   using Acc = typename K::acc;
   using R = typename K::reduce;
   using T = typename K::storage;
+  using E = ElementGrad<D, A, FromOutput>;
   const auto* dy = static_cast<const T*>(a.grad_output);
-  const auto* x = static_cast<const T*>(a.input);
+  const auto* saved = static_cast<const T*>(FromOutput ? a.output : a.input);
+  const auto* res = static_cast<const T*>(a.epilogue.residual);
   auto* dx = static_cast<T*>(a.grad_input);
+  auto* grad_res = static_cast<T*>(a.grad_residual);
   const auto* mean_in = static_cast<const Acc*>(a.mean);
   const auto* var_in = static_cast<const Acc*>(a.var);
   auto* grad_weight = static_cast<Acc*>(a.grad_weight);
@@ -491,13 +569,21 @@ void backward_impl(const BackwardArgs& a) {
   const Geometry& g = a.geometry;
   const int64_t C = g.channels;
   const int64_t count = g.outer * g.inner;
+  const Acc param = Acc(a.epilogue.param);
+  // The affine map of the forward, to recompute z (or recover x), and its inverse scale.
+  AffineTable<Acc> affine(C);
+  std::vector<Acc> inv_scale(C);
+  for (int64_t c = 0; c < C; ++c) {
+    affine.set(c, mean_in[c], Acc(inverse_std(double(var_in[c]), a.eps)), a.weight, a.bias);
+    inv_scale[c] = affine.scale[c] != Acc(0) ? Acc(1) / affine.scale[c] : Acc(0);
+  }
   GradCoefficients<Acc> coef(C);
   const auto* mean_dy = static_cast<const Acc*>(a.mean_dy);
   const auto* mean_dy_xhat = static_cast<const Acc*>(a.mean_dy_xhat);
   // The sums are needed for the parameter grads, and for dx only when training on this process's
   // batch alone (SyncBatchNorm hands in the global ones).
   const bool has_reduce = !mean_dy && (grad_weight || grad_bias || (dx && a.training));
-  const bool has_apply = dx && count > 0;
+  const bool has_apply = (dx || grad_res) && count > 0;
 
   struct Sums {
     double dy, dy_xmu;
@@ -506,7 +592,6 @@ void backward_impl(const BackwardArgs& a) {
   auto set_coefficients = [&](int64_t c, double invstd, double sum_dy, double sum_dy_xmu, double n, bool training) {
     const auto k =
         input_grad_coefficients(invstd, double(param_or<Acc>(a.weight, c, Acc(1))), sum_dy, sum_dy_xmu, n, training);
-    coef.mean[c] = mean_in[c];
     coef.dy_scale[c] = k.dy_scale;
     coef.xmu_scale[c] = k.xmu_scale;
     coef.shift[c] = k.shift;
@@ -528,67 +613,120 @@ void backward_impl(const BackwardArgs& a) {
   }
   if (count == 0 || (!has_reduce && !has_apply)) return;
 
+  // Writes dx and/or the residual's grad (g) over elements [0, n) of one run, whose channel
+  // parameters are read through at(i) (a scalar for planes, the channel vector for rows).
+  auto apply_run = [&](int64_t off, int64_t n, auto at) {
+    const T* __restrict__ gy = dy + off;
+    const T* __restrict__ ps = saved + off;
+    const T* __restrict__ pr = HasResidual ? res + off : nullptr;
+    T* __restrict__ pdx = dx ? dx + off : nullptr;
+    T* __restrict__ pgr = grad_res ? grad_res + off : nullptr;
+    auto element = [&](int64_t i, Acc& xm) {
+      Acc rv = Acc(0);
+      if constexpr (HasResidual) rv = K::load(pr[i]);
+      xm = E::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
+      return E::grad(K::load(gy[i]), ps[i], xm, rv, at(affine.scale, i), at(affine.bias, i), param);
+    };
+    if (pdx && pgr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        Acc xm;
+        const Acc gv = element(i, xm);
+        pdx[i] = K::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
+        pgr[i] = K::store(gv);
+      }
+    } else if (pdx) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        Acc xm;
+        const Acc gv = element(i, xm);
+        pdx[i] = K::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        Acc xm;
+        pgr[i] = K::store(element(i, xm));
+      }
+    }
+  };
+
   if (g.inner > 1) {
     const PlaneBlocks pb = plane_blocks(g);
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
       const BlockRange r = block_range(pb, b);
-      const R mean = mean_in[c];
+      const R mean = affine.mean[c], scale = affine.scale[c], bias = affine.bias[c], inv = inv_scale[c], p = param;
       const int64_t len = r.s1 - r.s0;
-      LaneSums<R> sums;  // first: sum(dy), second: sum(dy * (x - mean))
+      LaneSums<R> sums;  // first: sum(g), second: sum(g * (x - mean))
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const int64_t off = (n * C + c) * pb.S + r.s0;
         const T* __restrict__ gy = dy + off;
-        const T* __restrict__ px = x + off;
+        const T* __restrict__ ps = saved + off;
+        const T* __restrict__ pr = HasResidual ? res + off : nullptr;
+        auto residual = [pr](int64_t i) {
+          if constexpr (HasResidual) return R(K::load(pr[i]));
+          else return R(0);
+        };
         sums.add(
-            len, [gy](int64_t i) { return R(K::load(gy[i])); },
-            [gy, px, mean](int64_t i) { return R(K::load(gy[i])) * (R(K::load(px[i])) - mean); });
+            len,
+            [=](int64_t i) {
+              const R xm = E::xmu(ps[i], residual(i), mean, bias, inv, p);
+              return E::grad(R(K::load(gy[i])), ps[i], xm, residual(i), scale, bias, p);
+            },
+            [=](int64_t i) {
+              const R xm = E::xmu(ps[i], residual(i), mean, bias, inv, p);
+              return E::grad(R(K::load(gy[i])), ps[i], xm, residual(i), scale, bias, p) * xm;
+            });
       }
       return {double(sums.first()), double(sums.second())};
     };
     auto merge = [](const Sums& l, const Sums& r) { return Sums{l.dy + r.dy, l.dy_xmu + r.dy_xmu}; };
-    auto apply_range = [&](int64_t c, const BlockRange& r) {
-      const Acc mean = coef.mean[c], ka = coef.dy_scale[c], kb = coef.xmu_scale[c], kc = coef.shift[c];
-      for (int64_t n = r.n0; n < r.n1; ++n) {
-        const int64_t off = (n * C + c) * pb.S;
-#pragma omp simd
-        for (int64_t s = r.s0; s < r.s1; ++s)
-          dx[off + s] = K::store(K::load(dy[off + s]) * ka + (K::load(x[off + s]) - mean) * kb + kc);
-      }
-    };
     if (has_reduce) reduce_planes<Sums>(pb, a.num_threads, reduce, merge, finish);
-    if (has_apply) for_planes_in_memory_order(g, a.num_threads, apply_range);
+    if (has_apply)
+      for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
+        for (int64_t n = r.n0; n < r.n1; ++n)
+          apply_run((n * C + c) * pb.S + r.s0, r.s1 - r.s0, [c](const std::vector<Acc>& v, int64_t) { return v[c]; });
+      });
     return;
   }
 
   const RowBlocks rb = row_blocks(g);
-  auto reduce = [&](int64_t b, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {  // in Acc, as above
-    std::fill(sum_dy, sum_dy + C, Acc(0));
-    std::fill(sum_dy_xmu, sum_dy_xmu + C, Acc(0));
+  const Acc* __restrict__ mean = affine.mean.data();
+  const Acc* __restrict__ scale = affine.scale.data();
+  const Acc* __restrict__ bias = affine.bias.data();
+  const Acc* __restrict__ inv = inv_scale.data();
+  auto reduce = [&](int64_t b, Acc* __restrict__ sum_g, Acc* __restrict__ sum_g_xmu) {  // in Acc, as above
+    std::fill(sum_g, sum_g + C, Acc(0));
+    std::fill(sum_g_xmu, sum_g_xmu + C, Acc(0));
+    // In Acc: mean is already rounded to Acc, so x - mean rounds once, as torch's does.
+    auto residual = [&](int64_t m, int64_t c) {
+      if constexpr (HasResidual) return K::load(res[m * C + c]);
+      else return Acc(0);
+    };
+    auto xmu = [&](int64_t m, int64_t c) {
+      return E::xmu(saved[m * C + c], residual(m, c), mean[c], bias[c], inv[c], param);
+    };
+    auto grad = [&](int64_t m, int64_t c, Acc xm) {
+      return E::grad(K::load(dy[m * C + c]), saved[m * C + c], xm, residual(m, c), scale[c], bias[c], param);
+    };
     add_rows(
-        sum_dy, sum_dy_xmu, rb.begin(b), rb.end(b), C, [dy, C](int64_t m, int64_t c) { return K::load(dy[m * C + c]); },
-        [dy, x, C, mean_in](int64_t m, int64_t c) {
-          // In Acc: mean_in is already rounded to Acc, so x - mean rounds once, as torch's does.
-          return K::load(dy[m * C + c]) * (K::load(x[m * C + c]) - mean_in[c]);
+        sum_g, sum_g_xmu, rb.begin(b), rb.end(b), C, [&](int64_t m, int64_t c) { return grad(m, c, xmu(m, c)); },
+        [&](int64_t m, int64_t c) {
+          const Acc xm = xmu(m, c);
+          return grad(m, c, xm) * xm;
         });
   };
-  auto merge_channel = [&](int64_t c, const Acc* sum_dy, const Acc* sum_dy_xmu) {
+  auto merge_channel = [&](int64_t c, const Acc* sum_g, const Acc* sum_g_xmu) {
     Sums total{0, 0};
     for (int64_t b = 0; b < rb.count; ++b) {
-      total.dy += double(sum_dy[b * C + c]);
-      total.dy_xmu += double(sum_dy_xmu[b * C + c]);
+      total.dy += double(sum_g[b * C + c]);
+      total.dy_xmu += double(sum_g_xmu[b * C + c]);
     }
     finish(c, total);
   };
   auto apply = [&](int64_t b) {
-    const Acc* __restrict__ mean = coef.mean.data();
-    const Acc* __restrict__ ka = coef.dy_scale.data();
-    const Acc* __restrict__ kb = coef.xmu_scale.data();
-    const Acc* __restrict__ kc = coef.shift.data();
-    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        dx[m * C + c] = K::store(K::load(dy[m * C + c]) * ka[c] + (K::load(x[m * C + c]) - mean[c]) * kb[c] + kc[c]);
-    }
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m)
+      apply_run(m * C, C, [](const std::vector<Acc>& v, int64_t c) { return v[c]; });
   };
   for_rows<Acc>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
 }
@@ -611,9 +749,24 @@ template <Dtype D>
 struct EvalForward {
   static void run(const EvalForwardArgs& a) { eval_forward_impl<D>(a); }
 };
+template <Dtype D, bool HasResidual>
+void backward_with_residual(const BackwardArgs& a) {
+  if (a.output) {  // memory-efficient: the glue allows only the invertible activations
+    if (a.epilogue.activation == Activation::LeakyReLU)
+      return backward_impl<D, Activation::LeakyReLU, true, HasResidual>(a);
+    return backward_impl<D, Activation::Identity, true, HasResidual>(a);
+  }
+  with_activation(a.epilogue.activation,
+                  [&](auto act) { backward_impl<D, decltype(act)::value, false, HasResidual>(a); });
+}
+
 template <Dtype D>
 struct Backward {
-  static void run(const BackwardArgs& a) { backward_impl<D>(a); }
+  static void run(const BackwardArgs& a) {
+    // The residual is a compile-time choice: a test inside the loops would keep them scalar.
+    if (a.epilogue.residual) return backward_with_residual<D, true>(a);
+    backward_with_residual<D, false>(a);
+  }
 };
 
 void train_forward(const TrainForwardArgs& a) { dispatch_dtype<TrainForward>(a); }

@@ -30,14 +30,16 @@ _build_config = _check_build()
 from . import functional  # noqa: E402
 from ._ops import _C  # noqa: E402
 from .fold import FoldReport, fold  # noqa: E402
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert  # noqa: E402
+from .fuse import fuse  # noqa: E402
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,  # noqa: E402
+                      BatchNormAct3d, SyncBatchNorm, convert)
 
 if os.environ.get("FASTBN_SIMD") and os.environ["FASTBN_SIMD"] != _C.build_info()["simd"]:
     warnings.warn(f"FASTBN_SIMD={os.environ['FASTBN_SIMD']!r} names no kernel set this CPU can run (avx512, avx2, "
                   f"baseline); using {_C.build_info()['simd']}", RuntimeWarning, stacklevel=2)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "fold", "FoldReport",
-           "functional", "build_info", "__version__"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "SyncBatchNorm", "convert", "fuse", "fold", "FoldReport", "functional", "build_info", "__version__"]
 
 
 def build_info():

@@ -3,10 +3,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _batch_norm
+from .functional import ACTIVATIONS, _batch_norm, _epilogue
 from .sync import sync_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "SyncBatchNorm", "convert"]
 
 
 class _FastBatchNorm:
@@ -39,6 +40,43 @@ class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
     """fastbn's :class:`torch.nn.BatchNorm3d` for (N, C, D, H, W) input, NCDHW or channels_last_3d."""
+
+
+class _BatchNormAct:
+    """fastbn's BatchNorm followed by a residual add and an activation, fused: forward(x, residual=None)
+    is act(BN(x) + residual). Same buffers, parameters and state_dict keys as the BatchNorm."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation="relu", activation_param=None, memory_efficient=False, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._code, param, _ = _epilogue(activation, activation_param, memory_efficient)  # checks them
+        self.activation = activation
+        self.activation_param = None if ACTIVATIONS[activation][1] is None else param
+        self.memory_efficient = memory_efficient
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        bn_training, running_mean, running_var, counter = self._batch_norm_args()
+        param = 0.0 if self.activation_param is None else float(self.activation_param)
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum,
+                           self.eps, counter, epilogue=(residual, self._code, param, self.memory_efficient))
+
+    def extra_repr(self):
+        param = "" if self.activation_param is None else f", activation_param={self.activation_param}"
+        return (super().extra_repr() + f", activation={self.activation!r}{param}"
+                + (", memory_efficient=True" if self.memory_efficient else ""))
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """:class:`BatchNorm1d` fused with a residual add and an activation."""
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """:class:`BatchNorm2d` fused with a residual add and an activation."""
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    """:class:`BatchNorm3d` fused with a residual add and an activation."""
 
 
 class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
@@ -81,10 +119,11 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.Ba
                  nn.SyncBatchNorm: SyncBatchNorm}
 
 
-def _replacement(bn, cls=None):
-    """A fastbn module (of class `cls`, by default the one replacing bn's) sharing bn's state."""
+def _replacement(bn, cls=None, **options):
+    """A fastbn module (of class `cls`, by default the one replacing bn's, built with `options`)
+    sharing bn's state."""
     fast = (cls or _REPLACEMENTS[type(bn)])(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                            device="meta")
+                                            device="meta", **options)
     if isinstance(bn, nn.SyncBatchNorm):
         fast.process_group = bn.process_group
     # Share the very same Parameters and buffers, so optimizers and references stay valid.
