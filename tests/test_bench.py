@@ -10,6 +10,7 @@ from fastbn.bench import Case, preset_cases, run_cases
 from fastbn.bench.cases import parse_shape
 from fastbn.bench.cli import main
 from fastbn.bench.distributed import SHAPES as SYNC_SHAPES
+from fastbn.bench.fused import SHAPES as FUSED_SHAPES
 from fastbn.bench.impls import naive_batch_norm
 from fastbn.bench.report import table
 
@@ -97,3 +98,14 @@ def test_cli_sync_case(tmp_path, capsys):
         assert r["bytes_sent"] == {"all_gather_single": 4 * (2 * channels + 2), "all_reduce": 4 * 2 * channels}
         assert r["fastbn_sync_ms"] > 0 and r["torch_local_ms"] > 0
     assert "sync cost" in capsys.readouterr().out
+
+
+def test_cli_fused_case(tmp_path, capsys):
+    out_json = tmp_path / "fused.json"
+    main(["--fused", "--reps", "1", "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert [tuple(r["shape"]) for r in data["results"]] == [tuple(s) for s in FUSED_SHAPES]
+    assert all(r["fastbn_bn_relu_ms"] > 0 and r["torch_bn_add_relu_ms"] > 0 for r in data["results"])
+    memory = data["meta"]["saved_activation_bytes"]
+    assert memory["fastbn BatchNormAct2d memory_efficient"] < memory["torch BatchNorm2d + LeakyReLU"]
+    assert "autograd-saved activations" in capsys.readouterr().out

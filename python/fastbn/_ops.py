@@ -168,10 +168,13 @@ def _kept_channels(weight, bias):
 
 def _act_setup_context(ctx, input, weight, bias, residual, mean, var, output, eps, activation, param,
                        memory_efficient):
+    # Which channels keep their input depends on the weight's values, which a compiled graph cannot size:
+    # under torch.compile memory-efficient mode saves the input, as standard mode does.
+    memory_efficient = memory_efficient and not torch.compiler.is_compiling()
     ctx.eps, ctx.activation, ctx.param, ctx.memory_efficient = eps, activation, param, memory_efficient
     _save_param_dtypes(ctx, weight, bias)
     kept = _kept_channels(weight, bias) if memory_efficient else None
-    kept_input = input.index_select(1, kept) if kept is not None and kept.numel() else None
+    kept_input = input.index_select(1, kept) if kept is not None and kept.numel() > 0 else None
     ctx.save_for_backward(output if memory_efficient else input, weight, bias, residual, mean, var, kept, kept_input)
 
 

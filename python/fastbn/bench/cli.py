@@ -11,6 +11,8 @@ import fastbn
 
 from .cases import DTYPES, OPS, PRESETS, parse_shape, preset_cases
 from .distributed import distributed_table, run_distributed_bench
+from .fused import SHAPES as FUSED_SHAPES
+from .fused import fused_table, run_fused, run_memory
 from .impls import IMPLS
 from .inference import inference_table, run_inference
 from .report import table, write_json, write_plot
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--inference", action="store_true",
                    help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
                         "folded into the convolutions (fastbn.fold)")
+    p.add_argument("--fused", action="store_true",
+                   help="instead of the ops: fused BN+ReLU and BN+add+ReLU training steps against torch's and "
+                        "fastbn's unfused ones, and the autograd-saved memory of a Conv-BN-LeakyReLU stack")
     p.add_argument("--sync", action="store_true",
                    help="instead of the ops: fastbn.SyncBatchNorm across --world-size gloo processes on this "
                         "machine (bytes sent per layer, step time against unsynchronized BatchNorm)")
@@ -63,8 +68,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch")
-    if args.sync and args.device != "cpu":
-        p.error("--sync measures CPU processes joined by gloo; it takes no --device")
+    if (args.sync or args.fused) and args.device != "cpu":
+        p.error("--sync and --fused measure the CPU; they take no --device")
     if args.sync and args.world_size < 2:
         p.error("--world-size: at least 2 processes")
     if args.device == "cuda" and not fastbn.build_info()["cuda_compiled"]:
@@ -119,6 +124,15 @@ def main(argv=None):
               f"median of {args.reps} steps")
         records = run_distributed_bench(args.world_size, args.reps)
         report = distributed_table(records)
+    elif args.fused:
+        meta["preset"] = "fused"
+        print(header + f"{meta['threads']} threads, fused BatchNorm + (add +) ReLU, training forward + backward, "
+              f"float32 NCHW, median of {args.reps}, cold caches")
+        with _progress(len(FUSED_SHAPES)) as bar:
+            records = run_fused(reps=args.reps, progress=bar)
+        memory = run_memory()
+        meta["saved_activation_bytes"] = memory
+        report = fused_table(records, memory)
     elif args.inference:
         meta["preset"] = "inference"
         layouts = args.layout or ["nchw", "nhwc"]
@@ -138,8 +152,8 @@ def main(argv=None):
     if args.json:
         write_json(records, args.json, meta)
         print(f"wrote {args.json}")
-    if args.plot and args.sync:
-        print("--plot: nothing to plot for --sync")
+    if args.plot and (args.sync or args.fused):
+        print("--plot: nothing to plot for --sync or --fused")
     elif args.plot:
         write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {meta['preset']}")
         print(f"wrote {args.plot}")
