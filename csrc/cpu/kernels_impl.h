@@ -549,11 +549,7 @@ struct ElementGrad {
   static R grad(R dy, T saved, R xmu, R res, R scale, R bias, R param) {
     if constexpr (A == Activation::Identity) return dy;
     else if constexpr (FromOutput) return F::grad_from_output(dy, R(K::load(saved)), param);
-    else {
-      // z as the forward computed it, in the accumulation type (its sign picks the derivative).
-      using Acc = typename K::acc;
-      return F::grad(dy, R(Acc(xmu) * Acc(scale) + Acc(bias) + Acc(res)), param);
-    }
+    else return F::grad(dy, xmu * scale + bias + res, param);
   }
 };
 
