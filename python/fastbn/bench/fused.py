@@ -97,11 +97,11 @@ def run_memory(batch=16, size=32, channels=64):
 
 
 def fused_table(records, memory):
-    head = (f"{'case':<22}" + "".join(f"{v + ' ms':>21}" for v in VARIANTS)
+    head = (f"{'case':<22}" + "".join(f"{v + ' ms':>23}" for v in VARIANTS)
             + f"{'relu/bn':>9}{'vs torch':>10}{'add vs torch':>14}")
     lines = [head, "-" * len(head)]
     for r in records:
-        cells = "".join(f"{r[v + '_ms']:>21.3f}" for v in VARIANTS)
+        cells = "".join(f"{r[v + '_ms']:>23.3f}" for v in VARIANTS)
         lines.append(f"{'x'.join(map(str, r['shape'])) + ' nchw':<22}{cells}"
                      f"{r['fastbn_bn_relu_ms'] / r['fastbn_bn_ms']:>8.2f}x"
                      f"{r['torch_bn_relu_ms'] / r['fastbn_bn_relu_ms']:>9.2f}x"
