@@ -1,8 +1,11 @@
 """Shared helpers: float64 references from torch itself, tolerances relative to torch's own error."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fastbn
+from fastbn.bench.inference import BasicBlock  # noqa: F401  (torchvision's, shared by the fold and fuse tests)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
@@ -80,3 +83,38 @@ def simd(request):
         pytest.skip(f"this CPU has no {request.param} support")
     yield request.param
     fastbn._C.set_simd(default)
+
+
+# ---- models shared by the fold and fuse tests ---------------------------------------------------
+
+def randomize_batch_norms(model, generator):
+    """Running statistics and affine parameters far from their initial values, as after training."""
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            if m.track_running_stats:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) * 3 + 0.1)
+            if m.affine:
+                m.weight.copy_(torch.randn(m.num_features, generator=generator))
+                m.bias.copy_(torch.randn(m.num_features, generator=generator))
+    return model
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet Bottleneck (1x1, 3x3, 1x1 convs), with F.relu and torch.relu forms mixed in."""
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.downsample(x))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbn
+from conftest import BasicBlock, randomize_batch_norms
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -32,21 +33,6 @@ BATCH_NORMS = {
 }
 
 
-def randomize(model, generator):
-    """Running statistics and affine parameters far from their initial values (a trained model)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            if m.track_running_stats:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) * 3 + 0.1)
-            if m.affine:
-                m.weight.copy_(torch.randn(m.num_features, generator=generator))
-                m.bias.copy_(torch.randn(m.num_features, generator=generator))
-    return model
-
-
 def assert_same_outputs(folded, original, x, dtype):
     with torch.no_grad():
         expected, actual = original(x), folded(x)
@@ -60,7 +46,7 @@ def layer_and_bn(producer, kind, affine, dtype, seed):
     layer = make_layer()
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     model = nn.Sequential(layer, BATCH_NORMS[(kind, rank)](channels, affine=affine))
-    return randomize(model, torch.Generator().manual_seed(seed)).to(dtype).eval()
+    return randomize_batch_norms(model, torch.Generator().manual_seed(seed)).to(dtype).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -81,24 +67,6 @@ def test_fold_matches_original(producer, kind, affine, dtype):
         assert_same_outputs(folded.to(memory_format=fmt), model, x.contiguous(memory_format=fmt), dtype)
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, + identity or a conv-bn downsample, relu."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (self.downsample(x) if self.downsample is not None else x))
-
-
 def small_resnet():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          BasicBlock(8, 8, 1), BasicBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -109,7 +77,7 @@ def small_resnet():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_fold_resnet_every_bn(dtype, memory_format):
     g = torch.Generator().manual_seed(3)
-    model = randomize(small_resnet(), g).to(dtype).to(memory_format=memory_format)
+    model = randomize_batch_norms(small_resnet(), g).to(dtype).to(memory_format=memory_format)
     fastbn.convert(model[3])  # a mix of torch's and fastbn's modules
     x = torch.randn(4, 3, 12, 12, generator=g, dtype=dtype).contiguous(memory_format=memory_format)
     folded, report = fastbn.fold(model, return_report=True)
@@ -120,7 +88,7 @@ def test_fold_resnet_every_bn(dtype, memory_format):
 
 def test_original_untouched_unless_inplace():
     g = torch.Generator().manual_seed(4)
-    model = randomize(small_resnet(), g).train()
+    model = randomize_batch_norms(small_resnet(), g).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fastbn.fold(model)
     assert folded is not model and not folded.training
@@ -195,7 +163,7 @@ class AfterFunction(nn.Module):
         "no-running-stats", "after-identity"])
 def test_left_when_folding_would_change_the_model(model, reason):
     g = torch.Generator().manual_seed(5)
-    model = randomize(model, g).eval()
+    model = randomize_batch_norms(model, g).eval()
     x = torch.randn(2, 3, 4, 4, generator=g)
     folded, report = fastbn.fold(model, return_report=True)
     assert any(reason in why for _, why in report.left), report
@@ -220,7 +188,7 @@ class Untraceable(nn.Module):
 
 def test_sequential_fallback_for_untraceable_models():
     g = torch.Generator().manual_seed(6)
-    model = randomize(Untraceable(), g).eval()
+    model = randomize_batch_norms(Untraceable(), g).eval()
     x = torch.randn(3, 3, 6, 6, generator=g)
     folded, report = fastbn.fold(model, return_report=True)
     assert report.trace_error and "TraceError" in report.trace_error
@@ -233,7 +201,7 @@ def test_example_inputs_check_where_channels_are():
     # A Linear over the last dimension of a 3-D input: BatchNorm1d's channels are dimension 1, not
     # the Linear's features, although both have 4 here. Only shape propagation can tell.
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    randomize(model, torch.Generator().manual_seed(7)).eval()
+    randomize_batch_norms(model, torch.Generator().manual_seed(7)).eval()
     x = torch.randn(2, 4, 3)
     folded, report = fastbn.fold(model, example_inputs=(x,), return_report=True)
     assert report.folded == [] and "channels are not BatchNorm's dimension 1" in report.left[0][1]

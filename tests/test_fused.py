@@ -7,7 +7,9 @@ from torch import nn
 
 import fastbn
 from fastbn.functional import batch_norm_act
-from conftest import DTYPE_IDS, DTYPES, assert_close_to_reference, make_input, param_dtype_for, shape_id
+from fastbn.bench.fused import MEMORY_VARIANTS, conv_bn_act_stack, saved_activation_bytes
+from conftest import (DTYPE_IDS, DTYPES, BasicBlock, Bottleneck, assert_close_to_reference, make_input,
+                      param_dtype_for, randomize_batch_norms, shape_id)
 
 ACTIVATIONS = {
     "identity": (None, lambda z, p: z),
@@ -216,57 +218,8 @@ def test_module_is_a_batch_norm_with_the_same_state_dict():
 
 # ---- fuse -----------------------------------------------------------------------------------------
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock, as written there (inplace ReLU module, `out += identity`)."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet Bottleneck (1x1, 3x3, 1x1 convs), with F.relu and torch.relu forms mixed in."""
-
-    def __init__(self, cin, width, stride=1):
-        super().__init__()
-        cout = width * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = torch.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.downsample(x))
-
-
-def _randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
+def _trained_like(model):
+    return randomize_batch_norms(model, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("block", ["basic", "basic-downsample", "bottleneck"])
@@ -275,8 +228,8 @@ def test_fuse_resnet_blocks(block, training):
     torch.manual_seed(0)
     model = {"basic": lambda: BasicBlock(8, 8), "basic-downsample": lambda: BasicBlock(8, 16, 2),
              "bottleneck": lambda: Bottleneck(16, 4, 2)}[block]()
-    model = _randomize(model).double().train(training)
-    reference = _randomize({"basic": lambda: BasicBlock(8, 8), "basic-downsample": lambda: BasicBlock(8, 16, 2),
+    model = _trained_like(model).double().train(training)
+    reference = _trained_like({"basic": lambda: BasicBlock(8, 8), "basic-downsample": lambda: BasicBlock(8, 16, 2),
                             "bottleneck": lambda: Bottleneck(16, 4, 2)}[block]()).double().train(training)
     reference.load_state_dict(model.state_dict())
     fused = fastbn.fuse(model)
@@ -332,35 +285,15 @@ def test_fuse_untraceable_model_comes_back_unchanged():
 
 # ---- memory -----------------------------------------------------------------------------------------
 
-def saved_activation_bytes(model, x):
-    """Bytes of the distinct storages autograd saves for backward in one forward (parameters excluded)."""
-    storages = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(storages.values())
-
-
-def conv_bn_act_stack(norm_act, layers=10, channels=16):
-    mods = []
-    for _ in range(layers):
-        mods += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), *norm_act(channels)]
-    return nn.Sequential(*mods)
-
-
 def test_memory_efficient_saves_at_least_half():
+    """Autograd-saved activations of 10 x (Conv -> BN -> LeakyReLU): torch's modules save the BN input,
+    the LeakyReLU input and its output; the memory-efficient fused module saves its output only."""
     torch.manual_seed(0)
     x = torch.randn(8, 16, 16, 16)
-    theirs = saved_activation_bytes(conv_bn_act_stack(lambda c: [nn.BatchNorm2d(c), nn.LeakyReLU(0.01)]), x)
-    fused = saved_activation_bytes(conv_bn_act_stack(lambda c: [fastbn.BatchNormAct2d(c, activation="leaky_relu")]), x)
-    ours = saved_activation_bytes(conv_bn_act_stack(
-        lambda c: [fastbn.BatchNormAct2d(c, activation="leaky_relu", memory_efficient=True)]), x)
-    assert ours <= 0.5 * theirs, (ours, theirs)
-    assert fused <= theirs
+    saved = {name: saved_activation_bytes(conv_bn_act_stack(make, channels=16), x)
+             for name, make in MEMORY_VARIANTS.items()}
+    theirs, fused, ours = saved.values()
+    tensor = x.numel() * x.element_size()
+    # in tensors of x's size (the per-channel statistics add a few KB): 3 per layer, 2, and 1 (+ the input)
+    assert [round(b / tensor) for b in (theirs, fused, ours)] == [30, 20, 11]
+    assert ours <= 0.5 * theirs

@@ -14,22 +14,26 @@ VARIANTS = ("torch_bn", "fastbn_bn", "folded")
 
 
 class BasicBlock(nn.Module):
-    """ResNet's basic block: conv-bn-relu-conv-bn, plus the input (or its conv-bn projection), relu."""
+    """torchvision's ResNet BasicBlock, as written there (inplace ReLU module, `out += identity`)."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else nn.Identity())
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
 
     def forward(self, x):
+        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
 
 
 def small_resnet(widths=(32, 64, 128, 256), classes=100):
