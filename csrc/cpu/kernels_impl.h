@@ -118,6 +118,14 @@ struct LaneSums {
       a2 += load(v + 2 * kWidth);
       a3 += load(v + 3 * kWidth);
     }
+    // Short planes leave up to kStep - 1 values (17 of 49 on 7x7 with AVX2 floats): whole vectors
+    // first, the last few one by one.
+    for (; i + kWidth <= n; i += kWidth) {
+      alignas(FASTBN_VECTOR_BYTES) R v[kWidth];
+#pragma omp simd
+      for (int j = 0; j < kWidth; ++j) v[j] = f(i + j);
+      a0 += load(v);
+    }
     for (; i < n; ++i) a_tail += f(i);
   }
 
@@ -140,6 +148,16 @@ struct LaneSums {
       b1 += load(w + kWidth);
       b2 += load(w + 2 * kWidth);
       b3 += load(w + 3 * kWidth);
+    }
+    for (; i + kWidth <= n; i += kWidth) {
+      alignas(FASTBN_VECTOR_BYTES) R v[kWidth], w[kWidth];
+#pragma omp simd
+      for (int j = 0; j < kWidth; ++j) {
+        v[j] = f(i + j);
+        w[j] = g(i + j);
+      }
+      a0 += load(v);
+      b0 += load(w);
     }
     for (; i < n; ++i) {
       a_tail += f(i);
@@ -560,7 +578,10 @@ template <Dtype D, Activation A, bool FromOutput, bool HasResidual, bool StoreGr
 void backward_impl(const BackwardArgs& a) {
   using K = Traits<D>;
   using Acc = typename K::acc;
-  using R = typename K::reduce;
+  // Plain BatchNorm sums float32 planes in double (as the forward); with an activation the extra
+  // arithmetic per element makes the half-width double vectors the bottleneck wherever the tensors
+  // sit in L3, so those sum in float lanes (up to 256 values each), merged in double as always.
+  using R = std::conditional_t<A == Activation::Identity, typename K::reduce, typename K::acc>;
   using T = typename K::storage;
   using E = ElementGrad<D, A, FromOutput>;
   const auto* dy = static_cast<const T*>(a.grad_output);
