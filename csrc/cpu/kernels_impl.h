@@ -119,12 +119,14 @@ struct LaneSums {
       a3 += load(v + 3 * kWidth);
     }
     // Short planes leave up to kStep - 1 values (17 of 49 on 7x7 with AVX2 floats): whole vectors
-    // first, the last few one by one.
-    for (; i + kWidth <= n; i += kWidth) {
-      alignas(FASTBN_VECTOR_BYTES) R v[kWidth];
+    // first (where a vector holds more than two), the last few one by one.
+    if constexpr (kWidth > 2) {
+      for (; i + kWidth <= n; i += kWidth) {
+        alignas(FASTBN_VECTOR_BYTES) R v[kWidth];
 #pragma omp simd
-      for (int j = 0; j < kWidth; ++j) v[j] = f(i + j);
-      a0 += load(v);
+        for (int j = 0; j < kWidth; ++j) v[j] = f(i + j);
+        a0 += load(v);
+      }
     }
     for (; i < n; ++i) a_tail += f(i);
   }
@@ -149,15 +151,17 @@ struct LaneSums {
       b2 += load(w + 2 * kWidth);
       b3 += load(w + 3 * kWidth);
     }
-    for (; i + kWidth <= n; i += kWidth) {
-      alignas(FASTBN_VECTOR_BYTES) R v[kWidth], w[kWidth];
+    if constexpr (kWidth > 2) {
+      for (; i + kWidth <= n; i += kWidth) {
+        alignas(FASTBN_VECTOR_BYTES) R v[kWidth], w[kWidth];
 #pragma omp simd
-      for (int j = 0; j < kWidth; ++j) {
-        v[j] = f(i + j);
-        w[j] = g(i + j);
+        for (int j = 0; j < kWidth; ++j) {
+          v[j] = f(i + j);
+          w[j] = g(i + j);
+        }
+        a0 += load(v);
+        b0 += load(w);
       }
-      a0 += load(v);
-      b0 += load(w);
     }
     for (; i < n; ++i) {
       a_tail += f(i);
