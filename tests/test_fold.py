@@ -159,8 +159,9 @@ class AfterFunction(nn.Module):
     (SharedBatchNorm(), "bn is called more than once"),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)), "no running statistics"),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Identity(), nn.BatchNorm2d(3)), "Identity"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), fastbn.BatchNormAct2d(3)), "fused with a residual add and 'relu'"),
 ], ids=["after-relu", "after-function", "output-used-twice", "conv-called-twice", "bn-called-twice",
-        "no-running-stats", "after-identity"])
+        "no-running-stats", "after-identity", "fused-activation"])
 def test_left_when_folding_would_change_the_model(model, reason):
     g = torch.Generator().manual_seed(5)
     model = randomize_batch_norms(model, g).eval()

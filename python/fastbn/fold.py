@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .modules import _BatchNormAct
+
 __all__ = ["fold", "FoldReport"]
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,8 @@ def _out_channels(layer):
 
 def _cannot_fold(layer, bn):
     """Why `bn` cannot fold into `layer` whatever the input, or None."""
+    if isinstance(bn, _BatchNormAct):
+        return f"it is fused with a residual add and {bn.activation!r}, which are not affine"
     if bn.running_mean is None or bn.running_var is None:
         return "it has no running statistics (track_running_stats=False), so eval mode uses batch statistics"
     if isinstance(layer.weight, nn.parameter.UninitializedParameter) or isinstance(

@@ -49,7 +49,7 @@ class _BatchNormAct:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  activation="relu", activation_param=None, memory_efficient=False, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self._code, param, _ = _epilogue(activation, activation_param, memory_efficient)  # checks them
+        _, param, _ = _epilogue(activation, activation_param, memory_efficient)  # checks them now
         self.activation = activation
         self.activation_param = None if ACTIVATIONS[activation][1] is None else param
         self.memory_efficient = memory_efficient
@@ -57,9 +57,9 @@ class _BatchNormAct:
     def forward(self, input, residual=None):
         self._check_input_dim(input)
         bn_training, running_mean, running_var, counter = self._batch_norm_args()
-        param = 0.0 if self.activation_param is None else float(self.activation_param)
+        epilogue = _epilogue(self.activation, self.activation_param, self.memory_efficient)
         return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum,
-                           self.eps, counter, epilogue=(residual, self._code, param, self.memory_efficient))
+                           self.eps, counter, epilogue=(residual, *epilogue))
 
     def extra_repr(self):
         param = "" if self.activation_param is None else f", activation_param={self.activation_param}"
