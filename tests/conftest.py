@@ -1,4 +1,6 @@
 """Shared helpers: float64 references from torch itself, tolerances relative to torch's own error."""
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,12 +62,28 @@ def max_error(actual, reference):
 EPS = {torch.float64: 2.2e-16, torch.float32: 1.2e-7, torch.float16: 9.8e-4, torch.bfloat16: 7.8e-3}
 
 
-def assert_close_to_reference(actual, expected_torch, reference64, dtype, what=""):
+def stable_seed(*parts):
+    """A seed from test parameters that is the same in every process (hash() of a str is not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def input_grad_scale(x, weight, grad, eps=1e-5):
+    """The size of the terms a training grad_input is the difference of, weight * invstd * grad:
+    with few values per channel they cancel, and the result's error follows them, not the result."""
+    dims = [0] + list(range(2, x.dim()))
+    invstd = (x.double().var(dims, unbiased=False) + eps).rsqrt().max().item() if x.numel() else 1.0
+    w = weight.double().abs().max().item() if weight is not None else 1.0
+    return w * invstd * (grad.double().abs().max().item() if grad.numel() else 0.0)
+
+
+def assert_close_to_reference(actual, expected_torch, reference64, dtype, what="", scale=None):
     """fastbn's error against the float64 reference may be at most twice torch's own error in the same
-    dtype, or 32 units in the last place of that dtype (relative to the values' magnitude). For float64
-    the reference is torch's float64 result itself, so sums over many values are held to 1e-11."""
+    dtype, or 32 units in the last place of that dtype (relative to the values' magnitude, or to
+    `scale` when given). For float64 the reference is torch's float64 result itself, so sums over
+    many values are held to 1e-11."""
     assert actual.shape == reference64.shape, what
-    scale = max(1.0, reference64.abs().max().item()) if reference64.numel() else 1.0
+    magnitude = reference64.abs().max().item() if reference64.numel() else 0.0
+    scale = max(1.0, magnitude, scale or 0.0)
     ours, theirs = max_error(actual, reference64), max_error(expected_torch, reference64)
     ulps = 32 * EPS[dtype] if dtype != torch.float64 else 1e-11
     bound = max(2.0 * theirs, ulps * scale)
