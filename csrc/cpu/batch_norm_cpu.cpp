@@ -159,11 +159,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
                                                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                                                     const optional<Tensor>& residual, const Tensor& mean,
                                                     const Tensor& var, double eps, bool training, int64_t activation,
-                                                    double param, std::array<bool, 4> output_mask) {
+                                                    double param, std::array<bool, 4> output_mask,
+                                                    const optional<Tensor>& mean_dy = std::nullopt,
+                                                    const optional<Tensor>& mean_dy_xhat = std::nullopt) {
   check_input(saved);
   const KernelInput in(saved);
   const Tensor dy = check_backward_args(grad_output, in, saved, weight, mean, var);
   check_param(bias, "bias", saved);
+  check_param(mean_dy, "mean_dy", saved);
+  check_param(mean_dy_xhat, "mean_dy_xhat", saved);
   const Tensor r = residual_like(residual, in, saved);
   const cpu::Epilogue epilogue = make_epilogue(r, activation, param);
   TORCH_CHECK(!saved_is_output || epilogue.activation == Activation::Identity ||
@@ -177,8 +181,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   Tensor grad_residual = output_mask[3] ? in.new_output() : at::empty({0}, in.x.options());
   const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
+  const Tensor gm = param_as_acc(mean_dy, in.x), gx = param_as_acc(mean_dy_xhat, in.x);
   cpu::BackwardArgs args{in.dtype, in.geometry, dy.const_data_ptr(), saved_is_output ? nullptr : in.x.const_data_ptr(),
-                         data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps, training, nullptr, nullptr,
+                         data_or_null(w), m.const_data_ptr(), v.const_data_ptr(), eps, training, data_or_null(gm),
+                         data_or_null(gx),
                          output_mask[0] ? grad_input.data_ptr() : nullptr,
                          output_mask[1] ? grad_weight.data_ptr() : nullptr,
                          output_mask[2] ? grad_bias.data_ptr() : nullptr, at::get_num_threads()};
@@ -207,23 +213,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
                   param, output_mask);
 }
 
+// SyncBatchNorm's input gradient: the training backward fed the global means of dy and dy * x_hat.
 Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
                                      const Tensor& mean, const Tensor& var, double eps, const Tensor& mean_dy,
                                      const Tensor& mean_dy_xhat) {
-  check_input(input);
-  const KernelInput in(input);
-  const Tensor dy = check_backward_args(grad_output, in, input, weight, mean, var);
-  check_param(mean_dy, "mean_dy", input);
-  check_param(mean_dy_xhat, "mean_dy_xhat", input);
-  Tensor grad_input = in.new_output();
-  const Tensor w = param_as_acc(weight, in.x);
-  const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
-  const Tensor gm = param_as_acc(mean_dy, in.x), gx = param_as_acc(mean_dy_xhat, in.x);
-  cpu::active_kernels().backward({in.dtype, in.geometry, dy.const_data_ptr(), in.x.const_data_ptr(), data_or_null(w),
-                                  m.const_data_ptr(), v.const_data_ptr(), eps, true, gm.const_data_ptr(),
-                                  gx.const_data_ptr(), grad_input.data_ptr(), nullptr, nullptr,
-                                  at::get_num_threads()});
-  return grad_input;
+  return std::get<0>(backward(grad_output, input, false, weight, std::nullopt, std::nullopt, mean, var, eps, true, 0,
+                              0.0, {true, false, false, false}, mean_dy, mean_dy_xhat));
 }
 
 }  // namespace
