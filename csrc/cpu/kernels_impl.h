@@ -108,64 +108,49 @@ struct LaneSums {
   // Adds f(i) to the first sum for i in [0, n).
   template <typename F>
   void add(int64_t n, F f) {
-    int64_t i = 0;
-    for (; i + kStep <= n; i += kStep) {
-      alignas(FASTBN_VECTOR_BYTES) R v[kStep];
-#pragma omp simd
-      for (int j = 0; j < kStep; ++j) v[j] = f(i + j);
-      a0 += load(v);
-      a1 += load(v + kWidth);
-      a2 += load(v + 2 * kWidth);
-      a3 += load(v + 3 * kWidth);
-    }
-    // Short planes leave up to kStep - 1 values (17 of 49 on 7x7 with AVX2 floats): whole vectors
-    // first (where a vector holds more than two), the last few one by one.
-    if constexpr (kWidth > 2) {
-      for (; i + kWidth <= n; i += kWidth) {
-        alignas(FASTBN_VECTOR_BYTES) R v[kWidth];
-#pragma omp simd
-        for (int j = 0; j < kWidth; ++j) v[j] = f(i + j);
-        a0 += load(v);
-      }
-    }
-    for (; i < n; ++i) a_tail += f(i);
+    add(n, f, nullptr);
   }
 
-  // Adds f(i) to the first sum and g(i) to the second for i in [0, n).
+  // Adds f(i) to the first sum and g(i) to the second for i in [0, n) (no second sum when g is nullptr).
   template <typename F, typename G>
   void add(int64_t n, F f, G g) {
+    constexpr bool kTwo = !std::is_null_pointer_v<G>;
     int64_t i = 0;
     for (; i + kStep <= n; i += kStep) {
       alignas(FASTBN_VECTOR_BYTES) R v[kStep], w[kStep];
 #pragma omp simd
       for (int j = 0; j < kStep; ++j) {
         v[j] = f(i + j);
-        w[j] = g(i + j);
+        if constexpr (kTwo) w[j] = g(i + j);
       }
       a0 += load(v);
       a1 += load(v + kWidth);
       a2 += load(v + 2 * kWidth);
       a3 += load(v + 3 * kWidth);
-      b0 += load(w);
-      b1 += load(w + kWidth);
-      b2 += load(w + 2 * kWidth);
-      b3 += load(w + 3 * kWidth);
+      if constexpr (kTwo) {
+        b0 += load(w);
+        b1 += load(w + kWidth);
+        b2 += load(w + 2 * kWidth);
+        b3 += load(w + 3 * kWidth);
+      }
     }
+    // Short planes leave up to kStep - 1 values (17 of 49 on 7x7 with AVX2 floats): whole vectors
+    // first (where a vector holds more than two), the last few one by one.
     if constexpr (kWidth > 2) {
       for (; i + kWidth <= n; i += kWidth) {
         alignas(FASTBN_VECTOR_BYTES) R v[kWidth], w[kWidth];
 #pragma omp simd
         for (int j = 0; j < kWidth; ++j) {
           v[j] = f(i + j);
-          w[j] = g(i + j);
+          if constexpr (kTwo) w[j] = g(i + j);
         }
         a0 += load(v);
-        b0 += load(w);
+        if constexpr (kTwo) b0 += load(w);
       }
     }
     for (; i < n; ++i) {
       a_tail += f(i);
-      b_tail += g(i);
+      if constexpr (kTwo) b_tail += g(i);
     }
   }
 
