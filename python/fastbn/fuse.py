@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import modules
+from .fold import _LeafTracer  # BatchNorms (fastbn's fused ones included) stay single nodes
 
 __all__ = ["fuse"]
 
@@ -16,13 +17,6 @@ _FUSED = {nn.BatchNorm1d: modules.BatchNormAct1d, nn.BatchNorm2d: modules.BatchN
           nn.BatchNorm3d: modules.BatchNormAct3d, modules.BatchNorm1d: modules.BatchNormAct1d,
           modules.BatchNorm2d: modules.BatchNormAct2d, modules.BatchNorm3d: modules.BatchNormAct3d}
 _ADDS = (operator.add, operator.iadd, torch.add)
-
-
-class _Tracer(torch.fx.Tracer):
-    """BatchNorms (any, fastbn's fused ones included) stay single nodes."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
 
 
 def _activation(node, modules_by_name):
@@ -64,7 +58,7 @@ def fuse(model):
     A model torch.fx cannot trace comes back unchanged, with a warning saying why.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = _LeafTracer().trace(model)
     except Exception as e:  # fx raises many kinds for untraceable code
         warnings.warn(f"fastbn.fuse: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); returning it unchanged", stacklevel=2)
