@@ -12,8 +12,8 @@ DistributedDataParallel reduces them with every other parameter gradient.
 import torch
 import torch.distributed as dist
 
-from ._ops import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_eval, batch_norm_stats,
-                   update_running_stats)
+from ._ops import (_param_grads, _save_param_dtypes, batch_norm_backward, batch_norm_backward_elemt,
+                   batch_norm_eval, batch_norm_stats, update_running_stats)
 from .functional import _values_per_channel
 
 __all__ = ["sync_batch_norm"]
@@ -81,24 +81,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count)
         ctx.save_for_backward(input, weight, mean, var)
         ctx.eps, ctx.count, ctx.group, ctx.world_size = eps, count, group, world_size
-        ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _save_param_dtypes(ctx, weight, bias)
         return batch_norm_eval(input, weight, bias, mean, var, ctx.eps)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, mean, var = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         # Local sum(dy * x_hat) and sum(dy): the eval-mode parameter grads at the global statistics.
         _, sum_dy_xhat, sum_dy = batch_norm_backward(grad_output, input, weight, mean, var, ctx.eps, False,
                                                      [False, True, True])
         grad_input = None
-        if need_input:
+        if ctx.needs_input_grad[0]:
             sums = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(sums, group=ctx.group)
             mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
             grad_input = batch_norm_backward_elemt(grad_output, input, weight, mean, var, ctx.eps, mean_dy,
                                                    mean_dy_xhat)
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (*_param_grads(ctx, grad_input, sum_dy_xhat, sum_dy), None, None, None, None, None, None, None)
