@@ -1,7 +1,5 @@
 #include "batch_norm_common.h"
 
-#include <ATen/Dispatch.h>
-
 namespace fastbn {
 
 void check_input(const at::Tensor& input) {
@@ -52,9 +50,9 @@ int64_t values_per_channel(const at::Tensor& input) {
   return count;
 }
 
-void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
-                          const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
-                          const at::Tensor& var, std::optional<double> momentum, int64_t count) {
+bool begin_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                                const at::Tensor& var, std::optional<double> momentum, int64_t count) {
   const int64_t channels = mean.numel();
   TORCH_CHECK(running_mean.numel() == channels, "running_mean should contain ", channels, " elements not ",
               running_mean.numel());
@@ -74,39 +72,14 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   TORCH_CHECK(!has_counter || num_batches_tracked->device() == running_mean.device(),
               "update_running_stats: num_batches_tracked is on ", num_batches_tracked->device());
 
-  // Checks are done: from here on nothing can fail half way.
   if (has_counter) num_batches_tracked->add_(1);
-  if (count == 0) return;  // an empty batch has no statistics (torch leaves the running ones alone)
+  return count > 0;  // an empty batch has no statistics (torch leaves the running ones alone)
+}
+
+void fold_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                        const at::Tensor& var, std::optional<double> momentum, int64_t count) {
   const double bessel = double(count) / double(count - 1);
-
-  const auto stat_type = running_mean.scalar_type();
-  const bool plain_type = stat_type == at::kFloat || stat_type == at::kDouble || stat_type == at::kHalf ||
-                          stat_type == at::kBFloat16;
-  const auto batch_type = mean.scalar_type();
-  if (running_mean.is_cpu() && plain_type && running_var.scalar_type() == stat_type &&
-      running_mean.is_contiguous() && running_var.is_contiguous() && var.scalar_type() == batch_type &&
-      (batch_type == at::kFloat || batch_type == at::kDouble) && mean.is_contiguous() && var.is_contiguous()) {
-    // A plain loop over the batch statistics as the kernels return them (float or double): a dozen
-    // small ATen ops would cost ~10 us per layer and step, far more with cold caches.
-    const double f = momentum.has_value() ? *momentum : 1.0 / double(num_batches_tracked->item<int64_t>());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "update_running_stats", [&] {
-      scalar_t* rm = running_mean.data_ptr<scalar_t>();
-      scalar_t* rv = running_var.data_ptr<scalar_t>();
-      auto update = [&](const auto* pm, const auto* pv) {
-        for (int64_t c = 0; c < channels; ++c) {
-          rm[c] = scalar_t((1.0 - f) * double(rm[c]) + f * double(pm[c]));
-          rv[c] = scalar_t((1.0 - f) * double(rv[c]) + f * double(pv[c]) * bessel);
-        }
-      };
-      if (batch_type == at::kDouble)
-        update(mean.const_data_ptr<double>(), var.const_data_ptr<double>());
-      else
-        update(mean.const_data_ptr<float>(), var.const_data_ptr<float>());
-    });
-    return;
-  }
-
-  // The factor stays a tensor so that no value is read back to the host (CUDA graphs, no sync).
   at::Tensor factor = momentum.has_value()
                           ? at::scalar_tensor(*momentum, running_mean.options().dtype(at::kDouble))
                           : num_batches_tracked->to(at::kDouble).reciprocal();

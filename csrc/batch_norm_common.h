@@ -27,8 +27,18 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input);
 
 int64_t values_per_channel(const at::Tensor& input);
 
-void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
-                          const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
-                          const at::Tensor& var, std::optional<double> momentum, int64_t count);
+// The op update_running_stats in two halves that every backend runs in turn. The first checks every
+// argument and counts the batch in num_batches_tracked; it returns false when there is nothing to
+// fold in (an empty batch). Nothing fails after it, so a failed call never leaves the statistics
+// half updated.
+bool begin_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                                const at::Tensor& var, std::optional<double> momentum, int64_t count);
+
+// The second half for any device, with ATen ops: running <- lerp(running, batch, f) with the unbiased
+// variance. f stays a tensor, so no value is read back to the host (CUDA graphs, no sync).
+void fold_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                        const at::Tensor& var, std::optional<double> momentum, int64_t count);
 
 }  // namespace fastbn
