@@ -7,6 +7,8 @@ Knobs (environment variables):
   FASTBN_DEBUG=1         -O0 -g, for debuggers and sanitizers
   FASTBN_NATIVE=1        also tune the baseline kernels for this machine (-march=native; not portable)
   TORCH_CUDA_ARCH_LIST   CUDA architectures (torch's variable), default "8.0;9.0+PTX"
+  CUDA_HOME              the CUDA toolkit (torch's variable); /usr/local/cuda is tried when torch's guess
+                         is not a toolkit (a wrapper nvcc on PATH makes torch guess /usr/local)
   MAX_JOBS               parallel compile jobs (torch's variable)
 """
 import glob
@@ -39,14 +41,37 @@ def read_version():
     return scope["__version__"]
 
 
+def is_cuda_toolkit(path):
+    return bool(path) and os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def cuda_home():
+    """The CUDA toolkit to build with, or None. torch guesses it from CUDA_HOME or the nvcc on PATH;
+    when that guess is not a toolkit and /usr/local/cuda is, take the latter (and tell torch)."""
+    home = cpp_extension.CUDA_HOME
+    if not is_cuda_toolkit(home) and not os.environ.get("CUDA_HOME") and is_cuda_toolkit("/usr/local/cuda"):
+        home = cpp_extension.CUDA_HOME = "/usr/local/cuda"
+    return home if is_cuda_toolkit(home) else None
+
+
+def nvidia_wheel_includes():
+    """Headers of the CUDA libraries torch's wheel depends on (nvidia/cu*/include in site-packages):
+    torch's CUDA headers include some (cusparse.h) that a bare toolkit may lack."""
+    if os.path.exists(os.path.join(cuda_home(), "include", "cusparse.h")):
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))[-1:]
+
+
 def want_cuda():
-    available = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    available = bool(torch.version.cuda) and cuda_home() is not None
     forced = env_flag("FASTBN_CUDA")
     if forced is None:
         return available
     if forced and not available:
         sys.exit(f"fastbn: FASTBN_CUDA=1 but torch {torch.__version__} has CUDA {torch.version.cuda} and "
-                 f"CUDA_HOME is {cpp_extension.CUDA_HOME}; install a CUDA build of torch and set CUDA_HOME.")
+                 f"CUDA_HOME is {cpp_extension.CUDA_HOME}; install a CUDA build of torch and set CUDA_HOME "
+                 "to a CUDA toolkit (the folder with bin/nvcc and include/cuda_runtime.h).")
     return forced
 
 
@@ -63,9 +88,6 @@ def write_build_config(path, cuda, cuda_archs):
 def extension():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     cuda = want_cuda()
-    if cuda and not cuda_sources:
-        print("fastbn: no CUDA kernels in this version (csrc/cuda/ is empty); building the CPU extension")
-        cuda = False
     debug = env_flag("FASTBN_DEBUG", False)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
@@ -82,7 +104,8 @@ def extension():
         cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += cuda_sources
         define_macros.append(("FASTBN_WITH_CUDA", None))
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
+        includes = [flag for path in nvidia_wheel_includes() for flag in ("-isystem", path)]
+        kwargs["extra_compile_args"] = {"cxx": cxx + includes, "nvcc": ["-O3", "-lineinfo"] + includes}
         build = cpp_extension.CUDAExtension
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}

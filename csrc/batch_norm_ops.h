@@ -99,6 +99,8 @@ inline Tensor check_backward_args(const Tensor& grad_output, const KernelInput& 
               " but input has shape ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_output has dtype ",
               grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "batch_norm_backward: grad_output is on ",
+              grad_output.device(), " but input is on ", input.device());
   return grad_output.contiguous(in.format);  // the kernels walk both in the same order
 }
 
