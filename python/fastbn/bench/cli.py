@@ -13,7 +13,7 @@ from .cases import DTYPES, OPS, PRESETS, parse_shape, preset_cases
 from .distributed import distributed_table, run_distributed_bench
 from .fused import SHAPES as FUSED_SHAPES
 from .fused import fused_table, run_fused, run_memory
-from .impls import IMPLS
+from .impls import IMPLS, default_impls
 from .inference import inference_table, run_inference
 from .report import table, write_json, write_plot
 from .runner import keep_freed_memory, run_cases
@@ -49,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", type=_list(list(DTYPES)), help="comma list; default: the preset's")
     p.add_argument("--layout", type=_list(["nchw", "nhwc"]), help="nchw, nhwc or both (default: the preset's)")
     p.add_argument("--ops", type=_list(list(OPS)), default=list(OPS), help="comma list of " + ", ".join(OPS))
-    p.add_argument("--impls", type=_list(list(IMPLS)), default=list(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    p.add_argument("--impls", type=_list(list(IMPLS)),
+                   help="comma list of " + ", ".join(IMPLS) + " (default: all; torch_native, torch with cuDNN "
+                        "off, on CUDA only)")
     p.add_argument("--inference", action="store_true",
                    help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
                         "folded into the convolutions (fastbn.fold)")
@@ -74,6 +76,7 @@ def parse_args(argv=None):
         p.error("--world-size: at least 2 processes")
     if args.device == "cuda" and not fastbn.build_info()["cuda_compiled"]:
         p.error("--device cuda: this fastbn was built without CUDA kernels")
+    args.impls = args.impls or default_impls(args.device)
     if "floor" not in args.impls:
         args.impls.append("floor")  # every ratio is taken against it
     return args

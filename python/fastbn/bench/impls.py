@@ -1,5 +1,6 @@
-"""The implementations compared: fastbn, torch's F.batch_norm, torch.compile of it (inductor), the
-naive BatchNorm of the classic tutorial, and the floor (one copy of the input)."""
+"""The implementations compared: fastbn, torch's F.batch_norm (on CUDA also with cuDNN turned off:
+torch_native), torch.compile of it (inductor), the naive BatchNorm of the classic tutorial, and the
+floor (one copy of the input)."""
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +29,19 @@ def _compiled_batch_norm():
     return torch.compile(F.batch_norm, dynamic=False)
 
 
-PEERS = ("torch", "inductor", "naive")
+def native_batch_norm(*args, **kwargs):
+    """F.batch_norm with cuDNN turned off: torch's own CUDA kernels (backward follows the forward's choice)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.batch_norm(*args, **kwargs)
+
+
+PEERS = ("torch", "torch_native", "inductor", "naive")
 IMPLS = ("fastbn",) + PEERS + ("floor",)
+
+
+def default_impls(device):
+    """Every implementation; torch_native only on CUDA (on the CPU it is torch)."""
+    return [i for i in IMPLS if device == "cuda" or i != "torch_native"]
 
 
 def batch_norm_fn(impl):
@@ -38,6 +50,8 @@ def batch_norm_fn(impl):
         return fastbn_functional.batch_norm
     if impl == "torch":
         return F.batch_norm
+    if impl == "torch_native":
+        return native_batch_norm
     if impl == "inductor":
         return _compiled_batch_norm()
     if impl == "naive":

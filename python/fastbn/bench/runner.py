@@ -7,7 +7,7 @@ import time
 import torch
 
 from .cases import DTYPES, OPS
-from .impls import IMPLS, batch_norm_fn, make_step
+from .impls import batch_norm_fn, default_impls, make_step
 
 
 def keep_freed_memory():
@@ -77,8 +77,10 @@ def _tensors(case, device):
     }
 
 
-def run_case(case, ops=OPS, impls=IMPLS, reps=15, device="cpu", flush=None, on_op_done=None):
-    """Times every op of `case` for every implementation; returns one record per (op, impl)."""
+def run_case(case, ops=OPS, impls=None, reps=15, device="cpu", flush=None, on_op_done=None):
+    """Times every op of `case` for every implementation (default: all for the device); returns one
+    record per (op, impl)."""
+    impls = impls or default_impls(device)
     flush = flush or CacheFlusher(device)
     timer = Timer(device)
     previous_threads = torch.get_num_threads()
@@ -119,7 +121,7 @@ def run_case(case, ops=OPS, impls=IMPLS, reps=15, device="cpu", flush=None, on_o
         torch.set_num_threads(previous_threads)
 
 
-def run_cases(cases, ops=OPS, impls=IMPLS, reps=15, device="cpu", progress=None):
+def run_cases(cases, ops=OPS, impls=None, reps=15, device="cpu", progress=None):
     """Runs every case; `progress` (optional) is called once per finished (case, op)."""
     flush = CacheFlusher(device)
     records = []

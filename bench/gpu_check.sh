@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, for a machine with a CUDA GPU, Python, torch (CUDA build), nvcc and
+# ninja installed, and no internet: build fastbn from this source tree for the local GPU, run the
+# CUDA tests, benchmark against torch (cuDNN where it picks it, and with cuDNN off), torch.compile
+# and the copy floor, and check the issue's targets. About 5-8 minutes on an H100/H200.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
+#
+# Everything printed is also written to OUT_DIR/gpu_check.log, next to the JSON and PNG results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu-check}}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
+PY=${PYTHON:-python3}
+start=$SECONDS
+status=0
+stage() { echo; echo "== $1 ($((SECONDS - start)) s)"; }
+fail() { echo "FAILED: $1"; status=1; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || fail "nvidia-smi"
+$PY - <<'PY' || { echo "torch sees no GPU: nothing to check"; exit 1; }
+import torch, sys
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version())
+assert torch.cuda.is_available()
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+PY
+
+stage "build from source for this GPU"
+ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+SITE="$OUT_DIR/site"
+rm -rf "$SITE" build
+build_start=$SECONDS
+if FASTBN_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=$(nproc) \
+   $PY -m pip install --no-build-isolation --no-deps --no-index -q --target "$SITE" . ; then
+  echo "built for sm_${ARCH/./} in $((SECONDS - build_start)) s"
+else
+  fail "build"; exit 1
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c "import fastbn; print(fastbn.build_info())" || fail "import"
+
+stage "CUDA tests (float64 CPU references, outputs poisoned with NaN before each test)"
+timeout 300 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider --junitxml="$OUT_DIR/test_cuda.xml" \
+  || fail "CUDA tests"
+
+stage "benchmark: ResNet-50 BatchNorm shapes, fp32/bf16/fp16, NCHW and channels_last"
+timeout 240 $PY -m fastbn.bench --device cuda --preset resnet50 --dtype float32,bfloat16,float16 \
+  --layout nchw,nhwc --impls fastbn,torch,torch_native,floor --reps 25 \
+  --json "$OUT_DIR/gpu-resnet50.json" --plot "$OUT_DIR/gpu-resnet50.png" || fail "benchmark"
+
+stage "benchmark: against torch.compile (inductor) on three layers"
+timeout 150 $PY -m fastbn.bench --device cuda --shape 32x256x56x56 --shape 32x1024x14x14 --shape 32x2048x7x7 \
+  --dtype float32,bfloat16 --layout nchw,nhwc --impls fastbn,torch,inductor,floor --reps 25 \
+  --json "$OUT_DIR/gpu-inductor.json" || fail "inductor benchmark"
+
+stage "targets"
+$PY bench/gpu_targets.py "$OUT_DIR/gpu-resnet50.json" || fail "targets"
+
+stage "done: status $status in $((SECONDS - start)) s; log and results in $OUT_DIR"
+exit $status
