@@ -1,4 +1,4 @@
-// The BatchNorm maths, written once and shared by the CPU kernels and (later) the CUDA kernels:
+// The BatchNorm maths, written once and shared by the CPU kernels and the CUDA kernels:
 // statistics, the input-gradient coefficients and the fused activations.
 // Plain C++ with no torch headers, so that kernel translation units stay cheap to compile.
 //

@@ -1,5 +1,6 @@
 // The fastbn operator schemas, declared once. Implementations are registered per backend
-// (cpu/batch_norm_cpu.cpp; cuda/ later); fake kernels and autograd live in python/fastbn/_ops.py.
+// (cpu/batch_norm_cpu.cpp, cuda/batch_norm_cuda.cpp); fake kernels and autograd live in
+// python/fastbn/_ops.py.
 //
 // The ops are functional so that torch.library.register_autograd accepts them: the training
 // forward returns the batch statistics and a separate mutating op folds them into the running
