@@ -297,3 +297,25 @@ def test_memory_efficient_saves_at_least_half():
     # in tensors of x's size (the per-channel statistics add a few KB): 3 per layer, 2, and 1 (+ the input)
     assert [round(b / tensor) for b in (theirs, fused, ours)] == [30, 20, 11]
     assert ours <= 0.5 * theirs
+
+
+@pytest.mark.parametrize("mask", [m for m in range(1, 16)], ids=lambda m: f"mask{m:04b}")
+@pytest.mark.parametrize("shape, layout", [((4, 6, 5, 5), "contiguous"), ((4, 6, 5, 5), "channels_last"),
+                                           ((40, 6), "contiguous")], ids=["nchw", "nhwc", "rows"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_residual):
+    """Every subset of (input, weight, bias, residual) grads equals the same grads computed all at
+    once (which the tests above check against torch): e.g. a frozen input with a trained residual."""
+    x, weight, bias, residual, _, _, dy = make_case(shape, layout, torch.float64, 5)
+    residual = residual if with_residual else None
+    mean, var = torch.ops.fastbn.batch_norm_stats(x)
+    args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
+    full = torch.ops.fastbn.batch_norm_act_backward(*args, [True, True, True, with_residual])
+    output_mask = [bool(mask >> (3 - i) & 1) for i in range(4)]
+    output_mask[3] = output_mask[3] and with_residual
+    part = torch.ops.fastbn.batch_norm_act_backward(*args, output_mask)
+    for name, asked, a, f in zip(["input", "weight", "bias", "residual"], output_mask, part, full):
+        if asked:
+            torch.testing.assert_close(a, f, rtol=0, atol=1e-12, msg=f"grad_{name}")
+        else:
+            assert a.numel() == 0, f"grad_{name} was not asked for"

@@ -599,7 +599,7 @@ void backward_impl(const BackwardArgs& a) {
   // The sums are needed for the parameter grads, and for dx only when training on this process's
   // batch alone (SyncBatchNorm hands in the global ones).
   const bool has_reduce = !mean_dy && (grad_weight || grad_bias || (dx && a.training));
-  const bool has_apply = (dx || grad_res) && count > 0;
+  const bool has_output_grads = (dx || grad_res) && count > 0;
 
   struct Sums {
     double dy, dy_xmu;
@@ -627,9 +627,10 @@ void backward_impl(const BackwardArgs& a) {
   } else if (!has_reduce || count == 0) {
     for (int64_t c = 0; c < C; ++c) finish(c, Sums{0, 0});
   }
-  if (count == 0 || (!has_reduce && !has_apply)) return;
   const bool grad_stored = StoreGrad && has_reduce;
-  if (grad_stored && !dx) return;  // the reduction wrote the residual's gradient, and nothing else is asked
+  // When the reduction writes the residual's gradient and dx is not asked for, it is the only pass.
+  const bool has_apply = has_output_grads && !(grad_stored && !dx);
+  if (count == 0 || (!has_reduce && !has_apply)) return;
 
   // Writes dx and/or the residual's grad (g) over elements [0, n) of one run, whose channel
   // parameters are read through at(i) (a scalar for planes, the channel vector for rows).
