@@ -110,6 +110,21 @@ def test_large_mean_small_variance_is_stable(shape, fmt):
     torch.testing.assert_close(v.double(), var, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (3, 2, 70, 70), (16, 3, 7, 7)], ids=shape_id)
+def test_outlier_at_each_block_start_is_stable(shape):
+    # The float32 planes reduction sums each block about its first value. The worst case for that
+    # shift is an outlier there: every plane starts with 1e6 in data of mean 1e2 and spread 1e-2.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e2
+    x.view(shape[0], shape[1], -1)[:, :, 0] = 1e6
+    x[:, :, -1, -1] = -1e6  # and a second one that pulls the mean back
+    xf = x.float()
+    dims = [0, 2, 3]
+    _, m, v = torch.ops.fastbn.batch_norm_train(xf, None, None, 1e-5)
+    torch.testing.assert_close(m.double(), xf.double().mean(dims), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v.double(), xf.double().var(dims, unbiased=False), rtol=1e-6, atol=0)
+
+
 def test_nan_and_inf_propagate_like_torch():
     x = torch.randn(4, 3, 5, 5)
     x[1, 0, 2, 2] = float("nan")
