@@ -14,11 +14,12 @@ const KernelTable* table_named(const char* simd) {
   if (std::strcmp(simd, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")
+                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c")
                ? &kernels_avx512()
                : nullptr;
   if (std::strcmp(simd, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+                   __builtin_cpu_supports("f16c")
                ? &kernels_avx2()
                : nullptr;
 #endif

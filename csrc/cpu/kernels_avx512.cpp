@@ -1,7 +1,8 @@
 #if defined(__x86_64__) || defined(__i386__)  // other architectures use the baseline table only
 #define FASTBN_ISA avx512
 #define FASTBN_VECTOR_BYTES 64
-#define FASTBN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2"
+#define FASTBN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c"
+#define FASTBN_HAS_F16C 1
 #include "kernels_impl.h"
 
 namespace fastbn::cpu {

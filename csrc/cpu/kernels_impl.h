@@ -8,9 +8,10 @@
 // merged per channel in block order. Results are therefore bit-identical for any thread count.
 //
 // Numerics: blocks are small enough to stay in L1/L2, so each block takes its mean first and then
-// sum((x - mean)^2) in a second pass over cached data (exact two-pass variance); blocks are
-// merged in double with Chan's formula. Sums accumulate in double for float32 and float64 input,
-// in float for float16/bfloat16.
+// sum((x - mean)^2) in a second pass over cached data (exact two-pass variance), except float32
+// planes, whose blocks take exact double sums about one of their values in a single pass (see
+// kExactShiftedSums); blocks are merged in double with Chan's formula. Sums accumulate in double
+// for float32 and float64 input, in float for float16/bfloat16.
 #ifndef FASTBN_ISA
 #error "define FASTBN_ISA (the namespace of this instruction set) before including kernels_impl.h"
 #endif
@@ -23,6 +24,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef FASTBN_HAS_F16C
+#include <immintrin.h>
+#endif
 
 #include "../batch_norm_math.h"
 #include "convert.h"
@@ -77,6 +82,74 @@ struct Traits<Dtype::BFloat16> {
   static acc load(storage v) { return bfloat16_to_float(v); }
   static storage store(acc v) { return float_to_bfloat16(v); }
 };
+
+// float16 and bfloat16 loops convert a chunk of values into a float buffer in L1 and run the
+// float loop over it: the integer conversions of convert.h vectorize on every ISA but cost 3-9x a
+// float32 pass, while F16C (on every AVX2 CPU) converts 8 halves per instruction and bfloat16 is
+// shifts. F16C's rounding is convert.h's (to nearest even; NaN stays NaN, its payload may differ).
+template <Dtype D>
+constexpr bool kStaged = std::is_same_v<typename Traits<D>::storage, uint16_t>;
+constexpr int64_t kStageElems = 1024;
+
+template <Dtype D>
+void to_float(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+#ifdef FASTBN_HAS_F16C
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    if constexpr (D == Dtype::Float16)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = Traits<D>::load(src[i]);
+}
+
+template <Dtype D>
+void from_float(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+#ifdef FASTBN_HAS_F16C
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    __m128i h;
+    if constexpr (D == Dtype::Float16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // float_to_bfloat16, 8 at a time, then 32 -> 16 bits (packus works per 128-bit lane)
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      const __m256i is_nan =
+          _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+      const __m256i out = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+      h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = Traits<D>::store(src[i]);
+}
+
+// y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
+// called with the residual's value only when there is a residual.
+template <Dtype D, typename Op>
+void staged_map(const uint16_t* x, const uint16_t* residual, uint16_t* y, int64_t n, Op op) {
+  alignas(64) float xs[kStageElems], rs[kStageElems];
+  for (int64_t i0 = 0; i0 < n; i0 += kStageElems) {
+    const int64_t len = std::min(kStageElems, n - i0);
+    to_float<D>(x + i0, xs, len);
+    if (residual) {
+      to_float<D>(residual + i0, rs, len);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) xs[i] = op(xs[i], i0 + i, rs[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) xs[i] = op(xs[i], i0 + i);
+    }
+    from_float<D>(xs, y + i0, len);
+  }
+}
 
 // At most 4096 values per planes block (16 KB of fp32), so a block's second pass reads L1.
 constexpr int64_t kBlockElems = 4096;
@@ -348,6 +421,14 @@ void normalize_plane_block(const typename Traits<D>::storage* __restrict__ x,
                            const BlockRange& r, int64_t c, Acc mean, Acc scale, Acc bias, Acc param) {
   using K = Traits<D>;
   using F = ActivationFn<A>;
+  if constexpr (kStaged<D>) {
+    for (int64_t n = r.n0; n < r.n1; ++n) {
+      const int64_t off = (n * pb.C + c) * pb.S + r.s0;
+      staged_map<D>(x + off, residual ? residual + off : nullptr, y + off, r.s1 - r.s0,
+                    [=](Acc v, int64_t, auto... res) { return F::forward((((v - mean) * scale + bias) + ... + res), param); });
+    }
+    return;
+  }
   for (int64_t n = r.n0; n < r.n1; ++n) {
     const int64_t off = (n * pb.C + c) * pb.S;
     if (residual) {
@@ -372,6 +453,14 @@ void normalize_row_block(const typename Traits<D>::storage* __restrict__ x,
   using K = Traits<D>;
   using F = ActivationFn<A>;
   const int64_t C = rb.C;
+  if constexpr (kStaged<D>) {
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m)
+      staged_map<D>(x + m * C, residual ? residual + m * C : nullptr, y + m * C, C,
+                    [=](Acc v, int64_t c, auto... res) {
+                      return F::forward((((v - mean[c]) * scale[c] + bias[c]) + ... + res), param);
+                    });
+    return;
+  }
   for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
     const int64_t off = m * C;
     if (residual) {
@@ -483,6 +572,19 @@ void train_forward_impl(const TrainForwardArgs& a) {
         const double m2 = double(sums.second()) - s1 * (s1 / count);
         return {count, double(k) + s1 / count, m2 < 0 ? 0.0 : m2};  // rounding may dip below 0; NaN stays
       }
+      if constexpr (kStaged<D>) {  // the block as floats (it holds at most kBlockElems values), then two passes
+        alignas(64) float xs[kBlockElems];
+        for (int64_t n = r.n0; n < r.n1; ++n) to_float<D>(x + (n * C + c) * pb.S + r.s0, xs + (n - r.n0) * len, len);
+        LaneSums<R> sum;
+        sum.add(r.size(), [&xs](int64_t i) { return R(xs[i]); });
+        const R mean = sum.first() / R(r.size());
+        LaneSums<R> m2;
+        m2.add(r.size(), [&xs, mean](int64_t i) {
+          const R d = R(xs[i]) - mean;
+          return d * d;
+        });
+        return {double(r.size()), double(mean), double(m2.first())};
+      }
       LaneSums<R> sum;
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const auto* p = x + (n * C + c) * pb.S + r.s0;
@@ -512,14 +614,24 @@ void train_forward_impl(const TrainForwardArgs& a) {
     const int64_t m0 = rb.begin(b), m1 = rb.end(b);
     std::fill(mean, mean + C, Acc(0));
     std::fill(m2, m2 + C, Acc(0));
-    add_rows(mean, m0, m1, C, [x, C](int64_t m, int64_t c) { return K::load(x[m * C + c]); });
-    const Acc count = Acc(m1 - m0);
+    auto two_passes = [&](auto value) {  // value(m, c): x[m][c] as Acc
+      add_rows(mean, m0, m1, C, value);
+      const Acc count = Acc(m1 - m0);
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) mean[c] /= count;
-    add_rows(m2, m0, m1, C, [x, C, mean](int64_t m, int64_t c) {
-      const Acc d = K::load(x[m * C + c]) - mean[c];
-      return d * d;
-    });
+      for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+      add_rows(m2, m0, m1, C, [&value, mean](int64_t m, int64_t c) {
+        const Acc d = value(m, c) - mean[c];
+        return d * d;
+      });
+    };
+    if constexpr (kStaged<D>) {  // the block's rows are contiguous: converted once, into L2
+      thread_local std::vector<float> xs;
+      xs.resize((m1 - m0) * C);
+      to_float<D>(x + m0 * C, xs.data(), (m1 - m0) * C);
+      two_passes([v = xs.data(), m0, C](int64_t m, int64_t c) { return v[(m - m0) * C + c]; });
+    } else {
+      two_passes([x, C](int64_t m, int64_t c) { return K::load(x[m * C + c]); });
+    }
   };
   auto merge_channel = [&](int64_t c, const Acc* mean, const Acc* m2) {
     // All blocks at once rather than Chan's pairwise merge (a division per block and channel, a
