@@ -118,7 +118,8 @@ void from_float(const float* __restrict__ src, uint16_t* __restrict__ dst, int64
     } else {  // float_to_bfloat16, 8 at a time, then 32 -> 16 bits (packus works per 128-bit lane)
       const __m256i u = _mm256_castps_si256(v);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i rounded =
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
       const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
       const __m256i is_nan =
           _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
@@ -425,7 +426,9 @@ void normalize_plane_block(const typename Traits<D>::storage* __restrict__ x,
     for (int64_t n = r.n0; n < r.n1; ++n) {
       const int64_t off = (n * pb.C + c) * pb.S + r.s0;
       staged_map<D>(x + off, residual ? residual + off : nullptr, y + off, r.s1 - r.s0,
-                    [=](Acc v, int64_t, auto... res) { return F::forward((((v - mean) * scale + bias) + ... + res), param); });
+                    [=](Acc v, int64_t, auto... res) {
+                      return F::forward((((v - mean) * scale + bias) + ... + res), param);
+                    });
     }
     return;
   }
@@ -625,7 +628,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
       });
     };
     if constexpr (kStaged<D>) {  // the block's rows are contiguous: converted once, into L2
-      thread_local std::vector<float> xs;
+      thread_local std::vector<float> xs;  // one block (kRowBlockElems values, or a row if C is more)
       xs.resize((m1 - m0) * C);
       to_float<D>(x + m0 * C, xs.data(), (m1 - m0) * C);
       two_passes([v = xs.data(), m0, C](int64_t m, int64_t c) { return v[(m - m0) * C + c]; });
