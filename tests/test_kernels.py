@@ -114,15 +114,16 @@ def test_large_tensor(dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_conversions_are_exact_for_every_value(simd, layout, dtype):
-    """Every 16-bit pattern through the eval kernel at scale 1 comes back unchanged, and at a scale
-    that makes every product round, equals torch's rounding of the float32 product (bit for bit;
-    NaN as NaN): checks the staged float conversions (F16C / AVX2) and their scalar tails."""
+    """Every 16-bit pattern through the eval kernel at scale 1 comes back unchanged, and at scales
+    (one per channel) that make every product round, equals torch's rounding of the float32 product
+    (bit for bit; NaN as NaN): checks the conversions in registers and staged (F16C / AVX2), the
+    per-channel parameters' order, and the scalar tails."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype).view(1, 16, 64, 64)  # 2^16 values in planes of 4096, or rows of 16
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     zeros, ones = torch.zeros(16), torch.ones(16)
     for scale in (1.0, 1.0 + 2.0**-9 + 2.0**-20):
-        weight = torch.full((16,), scale)
+        weight = scale * (1.0 + torch.arange(16.0) * 2.0**-7) if scale != 1.0 else ones  # distinct per channel
         y = ops.batch_norm_eval(x, weight, zeros, zeros, ones, 0.0)
         expected = (x.float() * weight.view(1, 16, 1, 1) + 0.0).to(dtype)
         assert torch.equal(y.isnan(), expected.isnan())

@@ -91,6 +91,57 @@ template <Dtype D>
 constexpr bool kStaged = std::is_same_v<typename Traits<D>::storage, uint16_t>;
 constexpr int64_t kStageElems = 1024;
 
+#ifdef FASTBN_HAS_F16C
+// 16 half values as two float vectors. bfloat16 widens by interleaving with zeros, which leaves the
+// values in the order [0-3, 8-11] and [4-7, 12-15]; store16's pack restores it, and load16_params
+// lays per-value parameters out the same way.
+struct Vec16 {
+  __m256 lo, hi;
+};
+
+template <Dtype D>
+Vec16 load16(const uint16_t* p) {
+  if constexpr (D == Dtype::Float16) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
+    return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v))};
+  }
+}
+
+template <Dtype D>
+Vec16 load16_params(const float* p) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  if constexpr (D == Dtype::Float16) return {a, b};
+  else return {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+}
+
+// float_to_bfloat16 on 8 values (as 32-bit integers, the high half zero).
+inline __m256i round_to_bfloat16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  if (__builtin_expect(_mm256_movemask_ps(nan) == 0, 1)) return rounded;
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(nan));
+}
+
+template <Dtype D>
+void store16(uint16_t* p, const Vec16& v) {
+  if constexpr (D == Dtype::Float16) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.lo, kRound));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(v.hi, kRound));
+  } else {  // packus works per 128-bit lane, which undoes load16's interleave
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm256_packus_epi32(round_to_bfloat16(v.lo), round_to_bfloat16(v.hi)));
+  }
+}
+#endif
+
 template <Dtype D>
 void to_float(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
   int64_t i = 0;
@@ -115,21 +166,38 @@ void from_float(const float* __restrict__ src, uint16_t* __restrict__ dst, int64
     __m128i h;
     if constexpr (D == Dtype::Float16) {
       h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {  // float_to_bfloat16, 8 at a time, then 32 -> 16 bits (packus works per 128-bit lane)
-      const __m256i u = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      const __m256i rounded =
-          _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-      const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-      const __m256i is_nan =
-          _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-      const __m256i out = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+    } else {  // 32 -> 16 bits: packus works per 128-bit lane, so the halves are gathered after it
+      const __m256i out = round_to_bfloat16(v);
       h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
 #endif
   for (; i < n; ++i) dst[i] = Traits<D>::store(src[i]);
+}
+
+// Plain BatchNorm's elementwise pass on half values, y = (x - mean) * scale + bias, in registers
+// (no staging): the values of x [0, n) in whole groups of 16, with the parameters per value
+// (PerValue: mean[i], ...) or one for all (mean[0], ...). Returns how many it did (0 without F16C).
+template <Dtype D, bool PerValue>
+int64_t affine_in_registers(const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int64_t n,
+                            const float* mean, const float* scale, const float* bias) {
+  int64_t i = 0;
+#ifdef FASTBN_HAS_F16C
+  Vec16 m{_mm256_set1_ps(mean[0]), _mm256_set1_ps(mean[0])}, s{_mm256_set1_ps(scale[0]), _mm256_set1_ps(scale[0])},
+      b{_mm256_set1_ps(bias[0]), _mm256_set1_ps(bias[0])};
+  for (; i + 16 <= n; i += 16) {
+    if constexpr (PerValue) {
+      m = load16_params<D>(mean + i);
+      s = load16_params<D>(scale + i);
+      b = load16_params<D>(bias + i);
+    }
+    const Vec16 v = load16<D>(x + i);
+    store16<D>(y + i, {_mm256_fmadd_ps(_mm256_sub_ps(v.lo, m.lo), s.lo, b.lo),
+                       _mm256_fmadd_ps(_mm256_sub_ps(v.hi, m.hi), s.hi, b.hi)});
+  }
+#endif
+  return i;
 }
 
 // y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
@@ -423,9 +491,14 @@ void normalize_plane_block(const typename Traits<D>::storage* __restrict__ x,
   using K = Traits<D>;
   using F = ActivationFn<A>;
   if constexpr (kStaged<D>) {
+    const bool plain = A == Activation::Identity && !residual;
     for (int64_t n = r.n0; n < r.n1; ++n) {
-      const int64_t off = (n * pb.C + c) * pb.S + r.s0;
-      staged_map<D>(x + off, residual ? residual + off : nullptr, y + off, r.s1 - r.s0,
+      int64_t off = (n * pb.C + c) * pb.S + r.s0, len = r.s1 - r.s0;
+      if (plain) {
+        const int64_t done = affine_in_registers<D, false>(x + off, y + off, len, &mean, &scale, &bias);
+        off += done, len -= done;
+      }
+      staged_map<D>(x + off, residual ? residual + off : nullptr, y + off, len,
                     [=](Acc v, int64_t, auto... res) {
                       return F::forward((((v - mean) * scale + bias) + ... + res), param);
                     });
@@ -457,11 +530,15 @@ void normalize_row_block(const typename Traits<D>::storage* __restrict__ x,
   using F = ActivationFn<A>;
   const int64_t C = rb.C;
   if constexpr (kStaged<D>) {
-    for (int64_t m = rb.begin(b); m < rb.end(b); ++m)
-      staged_map<D>(x + m * C, residual ? residual + m * C : nullptr, y + m * C, C,
-                    [=](Acc v, int64_t c, auto... res) {
+    const bool plain = A == Activation::Identity && !residual;
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+      const int64_t done = plain ? affine_in_registers<D, true>(x + m * C, y + m * C, C, mean, scale, bias) : 0;
+      staged_map<D>(x + m * C + done, residual ? residual + m * C + done : nullptr, y + m * C + done, C - done,
+                    [=](Acc v, int64_t i, auto... res) {
+                      const int64_t c = i + done;
                       return F::forward((((v - mean[c]) * scale[c] + bias[c]) + ... + res), param);
                     });
+    }
     return;
   }
   for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
