@@ -200,6 +200,27 @@ int64_t affine_in_registers(const uint16_t* __restrict__ x, uint16_t* __restrict
   return i;
 }
 
+#ifdef FASTBN_HAS_F16C
+// Sum of f(v) over the n half values at p, in float lanes; f takes an 8-float vector (GCC vector
+// arithmetic) and, for the last n % 16 values, a float. (The baseline table stages instead.)
+template <Dtype D, typename F>
+float sum_in_registers(const uint16_t* __restrict__ p, int64_t n, F f) {
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const Vec16 v = load16<D>(p + i);
+    a = _mm256_add_ps(a, f(v.lo));
+    b = _mm256_add_ps(b, f(v.hi));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a, b));
+  float sum = 0;
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  for (; i < n; ++i) sum += f(Traits<D>::load(p[i]));
+  return sum;
+}
+#endif
+
 // y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
 // called with the residual's value only when there is a residual.
 template <Dtype D, typename Op>
@@ -652,6 +673,21 @@ void train_forward_impl(const TrainForwardArgs& a) {
         const double m2 = double(sums.second()) - s1 * (s1 / count);
         return {count, double(k) + s1 / count, m2 < 0 ? 0.0 : m2};  // rounding may dip below 0; NaN stays
       }
+#ifdef FASTBN_HAS_F16C
+      if constexpr (kStaged<D>) {  // two passes over the block, converting in registers (the second from L1)
+        R sum = 0;
+        for (int64_t n = r.n0; n < r.n1; ++n)
+          sum += sum_in_registers<D>(x + (n * C + c) * pb.S + r.s0, len, [](auto v) { return v; });
+        const R mean = sum / R(r.size());
+        R m2 = 0;
+        for (int64_t n = r.n0; n < r.n1; ++n)
+          m2 += sum_in_registers<D>(x + (n * C + c) * pb.S + r.s0, len, [mean](auto v) {
+            const auto d = v - mean;
+            return d * d;
+          });
+        return {double(r.size()), double(mean), double(m2)};
+      }
+#endif
       if constexpr (kStaged<D>) {  // the block as floats (it holds at most kBlockElems values), then two passes
         alignas(64) float xs[kBlockElems];
         for (int64_t n = r.n0; n < r.n1; ++n) to_float<D>(x + (n * C + c) * pb.S + r.s0, xs + (n - r.n0) * len, len);
