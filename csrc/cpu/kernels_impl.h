@@ -219,7 +219,59 @@ float sum_in_registers(const uint16_t* __restrict__ p, int64_t n, F f) {
   for (; i < n; ++i) sum += f(Traits<D>::load(p[i]));
   return sum;
 }
+
+// Plain BatchNorm's backward sums over n half values: sum(dy) and sum(dy * (x - mean)), in float
+// lanes, added to the two totals.
+template <Dtype D>
+void grad_sums_in_registers(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ x, int64_t n, float mean,
+                            float& sum_dy, float& sum_dy_xmu) {
+  const __m256 m = _mm256_set1_ps(mean);
+  __m256 g0 = _mm256_setzero_ps(), g1 = g0, gx0 = g0, gx1 = g0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const Vec16 g = load16<D>(dy + i), v = load16<D>(x + i);
+    g0 = _mm256_add_ps(g0, g.lo);
+    g1 = _mm256_add_ps(g1, g.hi);
+    gx0 = _mm256_fmadd_ps(g.lo, _mm256_sub_ps(v.lo, m), gx0);
+    gx1 = _mm256_fmadd_ps(g.hi, _mm256_sub_ps(v.hi, m), gx1);
+  }
+  alignas(32) float lanes_g[8], lanes_gx[8];
+  _mm256_store_ps(lanes_g, _mm256_add_ps(g0, g1));
+  _mm256_store_ps(lanes_gx, _mm256_add_ps(gx0, gx1));
+  for (int j = 0; j < 8; ++j) sum_dy += lanes_g[j], sum_dy_xmu += lanes_gx[j];
+  for (; i < n; ++i) {
+    const float g = Traits<D>::load(dy[i]);
+    sum_dy += g;
+    sum_dy_xmu += g * (Traits<D>::load(x[i]) - mean);
+  }
+}
 #endif
+
+// Plain BatchNorm's input gradient on half values, dx = dy * dy_scale + (x - mean) * xmu_scale +
+// shift, in registers, over whole groups of 16 of [0, n), the parameters per value (PerValue) or
+// one for all. Returns how many values it did (0 without F16C).
+template <Dtype D, bool PerValue>
+int64_t grad_input_in_registers(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ x,
+                                uint16_t* __restrict__ dx, int64_t n, const float* mean, const float* dy_scale,
+                                const float* xmu_scale, const float* shift) {
+  int64_t i = 0;
+#ifdef FASTBN_HAS_F16C
+  auto broadcast = [](const float* p) { return Vec16{_mm256_set1_ps(p[0]), _mm256_set1_ps(p[0])}; };
+  Vec16 m = broadcast(mean), a = broadcast(dy_scale), b = broadcast(xmu_scale), c = broadcast(shift);
+  for (; i + 16 <= n; i += 16) {
+    if constexpr (PerValue) {
+      m = load16_params<D>(mean + i);
+      a = load16_params<D>(dy_scale + i);
+      b = load16_params<D>(xmu_scale + i);
+      c = load16_params<D>(shift + i);
+    }
+    const Vec16 g = load16<D>(dy + i), v = load16<D>(x + i);
+    store16<D>(dx + i, {_mm256_fmadd_ps(g.lo, a.lo, _mm256_fmadd_ps(_mm256_sub_ps(v.lo, m.lo), b.lo, c.lo)),
+                        _mm256_fmadd_ps(g.hi, a.hi, _mm256_fmadd_ps(_mm256_sub_ps(v.hi, m.hi), b.hi, c.hi))});
+  }
+#endif
+  return i;
+}
 
 // y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
 // called with the residual's value only when there is a residual.
@@ -829,6 +881,8 @@ void backward_impl(const BackwardArgs& a) {
   using R = std::conditional_t<A == Activation::Identity, typename K::reduce, typename K::acc>;
   using T = typename K::storage;
   using E = ElementGrad<D, A, FromOutput>;
+  // Plain BatchNorm on half values converts in registers where it can (see grad_input_in_registers).
+  constexpr bool kPlainHalf = kStaged<D> && A == Activation::Identity && !FromOutput && !HasResidual;
   const auto* dy = static_cast<const T*>(a.grad_output);
   const auto* saved = static_cast<const T*>(FromOutput ? a.output : a.input);
   const auto* res = static_cast<const T*>(a.epilogue.residual);
@@ -940,6 +994,16 @@ void backward_impl(const BackwardArgs& a) {
       const BlockRange r = block_range(pb, b);
       const R mean = affine.mean[c], scale = affine.scale[c], bias = affine.bias[c], inv = inv_scale[c], p = param;
       const int64_t len = r.s1 - r.s0;
+#ifdef FASTBN_HAS_F16C
+      if constexpr (kPlainHalf) {
+        float sum_dy = 0, sum_dy_xmu = 0;
+        for (int64_t n = r.n0; n < r.n1; ++n) {
+          const int64_t off = (n * C + c) * pb.S + r.s0;
+          grad_sums_in_registers<D>(dy + off, saved + off, len, mean, sum_dy, sum_dy_xmu);
+        }
+        return {double(sum_dy), double(sum_dy_xmu)};
+      }
+#endif
       LaneSums<R> sums;  // first: sum(g), second: sum(g * (x - mean))
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const int64_t off = (n * C + c) * pb.S + r.s0;
@@ -970,8 +1034,15 @@ void backward_impl(const BackwardArgs& a) {
     if (has_reduce) reduce_planes<Sums>(pb, a.num_threads, reduce, merge, finish);
     if (has_apply)
       for_planes_in_memory_order(g, a.num_threads, [&](int64_t c, const BlockRange& r) {
-        for (int64_t n = r.n0; n < r.n1; ++n)
-          apply_run((n * C + c) * pb.S + r.s0, r.s1 - r.s0, [c](const std::vector<Acc>& v, int64_t) { return v[c]; });
+        for (int64_t n = r.n0; n < r.n1; ++n) {
+          const int64_t off = (n * C + c) * pb.S + r.s0, len = r.s1 - r.s0;
+          int64_t done = 0;
+          if constexpr (kPlainHalf)
+            if (dx)
+              done = grad_input_in_registers<D, false>(dy + off, saved + off, dx + off, len, &affine.mean[c],
+                                                       &coef.dy_scale[c], &coef.xmu_scale[c], &coef.shift[c]);
+          apply_run(off + done, len - done, [c](const std::vector<Acc>& v, int64_t) { return v[c]; });
+        }
       });
     return;
   }
@@ -1016,8 +1087,14 @@ void backward_impl(const BackwardArgs& a) {
     finish(c, total);
   };
   auto apply = [&](int64_t b) {
-    for (int64_t m = rb.begin(b); m < rb.end(b); ++m)
-      apply_run(m * C, C, [](const std::vector<Acc>& v, int64_t c) { return v[c]; });
+    for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
+      int64_t done = 0;
+      if constexpr (kPlainHalf)
+        if (dx)
+          done = grad_input_in_registers<D, true>(dy + m * C, saved + m * C, dx + m * C, C, affine.mean.data(),
+                                                  coef.dy_scale.data(), coef.xmu_scale.data(), coef.shift.data());
+      apply_run(m * C + done, C - done, [done](const std::vector<Acc>& v, int64_t c) { return v[c + done]; });
+    }
   };
   for_rows<Acc>(rb, a.num_threads, has_reduce, has_apply, reduce, merge_channel, apply);
 }
