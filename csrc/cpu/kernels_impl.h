@@ -83,10 +83,11 @@ struct Traits<Dtype::BFloat16> {
   static storage store(acc v) { return float_to_bfloat16(v); }
 };
 
-// float16 and bfloat16 loops convert a chunk of values into a float buffer in L1 and run the
-// float loop over it: the integer conversions of convert.h vectorize on every ISA but cost 3-9x a
-// float32 pass, while F16C (on every AVX2 CPU) converts 8 halves per instruction and bfloat16 is
-// shifts. F16C's rounding is convert.h's (to nearest even; NaN stays NaN, its payload may differ).
+// float16 and bfloat16: the integer conversions of convert.h vectorize on every ISA but cost 3-9x
+// a float32 pass, while F16C (on every AVX2 CPU) converts 8 halves per instruction and bfloat16 is
+// shifts. Plain BatchNorm's hot loops convert in registers (the *_in_registers functions); the
+// other loops convert a chunk into a float buffer in L1 and run the float loop over it (staging).
+// F16C's rounding is convert.h's (to nearest even; NaN stays NaN, its payload may differ).
 template <Dtype D>
 constexpr bool kStaged = std::is_same_v<typename Traits<D>::storage, uint16_t>;
 constexpr int64_t kStageElems = 1024;
