@@ -93,6 +93,14 @@ constexpr bool kStaged = std::is_same_v<typename Traits<D>::storage, uint16_t>;
 constexpr int64_t kStageElems = 1024;
 
 #ifdef FASTBN_HAS_F16C
+constexpr bool kHasF16C = true;
+#else
+constexpr bool kHasF16C = false;
+#endif
+
+#ifdef FASTBN_HAS_F16C
+constexpr int kHalfRounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // F16C: to nearest even
+
 // 16 half values as two float vectors. bfloat16 widens by interleaving with zeros, which leaves the
 // values in the order [0-3, 8-11] and [4-7, 12-15]; store16's pack restores it, and load16_params
 // lays per-value parameters out the same way.
@@ -109,6 +117,16 @@ Vec16 load16(const uint16_t* p) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
     return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v))};
   }
+}
+
+inline Vec16 broadcast16(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+
+inline float horizontal_sum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float sum = 0;
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  return sum;
 }
 
 template <Dtype D>
@@ -133,9 +151,8 @@ inline __m256i round_to_bfloat16(__m256 v) {
 template <Dtype D>
 void store16(uint16_t* p, const Vec16& v) {
   if constexpr (D == Dtype::Float16) {
-    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.lo, kRound));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(v.hi, kRound));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.lo, kHalfRounding));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(v.hi, kHalfRounding));
   } else {  // packus works per 128-bit lane, which undoes load16's interleave
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm256_packus_epi32(round_to_bfloat16(v.lo), round_to_bfloat16(v.hi)));
@@ -166,7 +183,7 @@ void from_float(const float* __restrict__ src, uint16_t* __restrict__ dst, int64
     const __m256 v = _mm256_loadu_ps(src + i);
     __m128i h;
     if constexpr (D == Dtype::Float16) {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      h = _mm256_cvtps_ph(v, kHalfRounding);
     } else {  // 32 -> 16 bits: packus works per 128-bit lane, so the halves are gathered after it
       const __m256i out = round_to_bfloat16(v);
       h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08));
@@ -185,8 +202,7 @@ int64_t affine_in_registers(const uint16_t* __restrict__ x, uint16_t* __restrict
                             const float* mean, const float* scale, const float* bias) {
   int64_t i = 0;
 #ifdef FASTBN_HAS_F16C
-  Vec16 m{_mm256_set1_ps(mean[0]), _mm256_set1_ps(mean[0])}, s{_mm256_set1_ps(scale[0]), _mm256_set1_ps(scale[0])},
-      b{_mm256_set1_ps(bias[0]), _mm256_set1_ps(bias[0])};
+  Vec16 m = broadcast16(mean[0]), s = broadcast16(scale[0]), b = broadcast16(bias[0]);
   for (; i + 16 <= n; i += 16) {
     if constexpr (PerValue) {
       m = load16_params<D>(mean + i);
@@ -203,7 +219,7 @@ int64_t affine_in_registers(const uint16_t* __restrict__ x, uint16_t* __restrict
 
 #ifdef FASTBN_HAS_F16C
 // Sum of f(v) over the n half values at p, in float lanes; f takes an 8-float vector (GCC vector
-// arithmetic) and, for the last n % 16 values, a float. (The baseline table stages instead.)
+// arithmetic) and, for the last n % 16 values, a float.
 template <Dtype D, typename F>
 float sum_in_registers(const uint16_t* __restrict__ p, int64_t n, F f) {
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
@@ -213,10 +229,7 @@ float sum_in_registers(const uint16_t* __restrict__ p, int64_t n, F f) {
     a = _mm256_add_ps(a, f(v.lo));
     b = _mm256_add_ps(b, f(v.hi));
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(a, b));
-  float sum = 0;
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  float sum = horizontal_sum(_mm256_add_ps(a, b));
   for (; i < n; ++i) sum += f(Traits<D>::load(p[i]));
   return sum;
 }
@@ -236,10 +249,8 @@ void grad_sums_in_registers(const uint16_t* __restrict__ dy, const uint16_t* __r
     gx0 = _mm256_fmadd_ps(g.lo, _mm256_sub_ps(v.lo, m), gx0);
     gx1 = _mm256_fmadd_ps(g.hi, _mm256_sub_ps(v.hi, m), gx1);
   }
-  alignas(32) float lanes_g[8], lanes_gx[8];
-  _mm256_store_ps(lanes_g, _mm256_add_ps(g0, g1));
-  _mm256_store_ps(lanes_gx, _mm256_add_ps(gx0, gx1));
-  for (int j = 0; j < 8; ++j) sum_dy += lanes_g[j], sum_dy_xmu += lanes_gx[j];
+  sum_dy += horizontal_sum(_mm256_add_ps(g0, g1));
+  sum_dy_xmu += horizontal_sum(_mm256_add_ps(gx0, gx1));
   for (; i < n; ++i) {
     const float g = Traits<D>::load(dy[i]);
     sum_dy += g;
@@ -257,8 +268,8 @@ int64_t grad_input_in_registers(const uint16_t* __restrict__ dy, const uint16_t*
                                 const float* xmu_scale, const float* shift) {
   int64_t i = 0;
 #ifdef FASTBN_HAS_F16C
-  auto broadcast = [](const float* p) { return Vec16{_mm256_set1_ps(p[0]), _mm256_set1_ps(p[0])}; };
-  Vec16 m = broadcast(mean), a = broadcast(dy_scale), b = broadcast(xmu_scale), c = broadcast(shift);
+  Vec16 m = broadcast16(mean[0]), a = broadcast16(dy_scale[0]), b = broadcast16(xmu_scale[0]),
+        c = broadcast16(shift[0]);
   for (; i + 16 <= n; i += 16) {
     if constexpr (PerValue) {
       m = load16_params<D>(mean + i);
@@ -741,19 +752,6 @@ void train_forward_impl(const TrainForwardArgs& a) {
         return {double(r.size()), double(mean), double(m2)};
       }
 #endif
-      if constexpr (kStaged<D>) {  // the block as floats (it holds at most kBlockElems values), then two passes
-        alignas(64) float xs[kBlockElems];
-        for (int64_t n = r.n0; n < r.n1; ++n) to_float<D>(x + (n * C + c) * pb.S + r.s0, xs + (n - r.n0) * len, len);
-        LaneSums<R> sum;
-        sum.add(r.size(), [&xs](int64_t i) { return R(xs[i]); });
-        const R mean = sum.first() / R(r.size());
-        LaneSums<R> m2;
-        m2.add(r.size(), [&xs, mean](int64_t i) {
-          const R d = R(xs[i]) - mean;
-          return d * d;
-        });
-        return {double(r.size()), double(mean), double(m2.first())};
-      }
       LaneSums<R> sum;
       for (int64_t n = r.n0; n < r.n1; ++n) {
         const auto* p = x + (n * C + c) * pb.S + r.s0;
@@ -793,7 +791,7 @@ void train_forward_impl(const TrainForwardArgs& a) {
         return d * d;
       });
     };
-    if constexpr (kStaged<D>) {  // the block's rows are contiguous: converted once, into L2
+    if constexpr (kStaged<D> && kHasF16C) {  // the block's rows are contiguous: converted once, into L2
       thread_local std::vector<float> xs;  // one block (kRowBlockElems values, or a row if C is more)
       xs.resize((m1 - m0) * C);
       to_float<D>(x + m0 * C, xs.data(), (m1 - m0) * C);
