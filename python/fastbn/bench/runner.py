@@ -43,10 +43,18 @@ def nominal_bytes(op, impl, x):
 
 
 class Timer:
+    """Wall time of one call on the CPU. On CUDA, GPU time between two events: a sleep kernel queued
+    first keeps the GPU busy while Python queues the flush and the step, so the events time the
+    kernels back to back (kernel time), not the launch overhead of small layers."""
+
+    SLEEP_CYCLES = 2_000_000  # ~1 ms at 2 GHz: longer than queuing a forward+backward takes
+
     def __init__(self, device):
         self.cuda = device == "cuda"
 
     def __call__(self, step, flush):
+        if self.cuda:
+            torch.cuda._sleep(self.SLEEP_CYCLES)
         flush()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
