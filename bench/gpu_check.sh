@@ -5,6 +5,7 @@
 # and the copy floor, and check the targets. About 4-6 minutes on an H100/H200.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
+#   QUICK=1 bash bench/gpu_check.sh ...    skips the torch.compile and launch-overhead stages
 #
 # Everything printed is also written to OUT_DIR/gpu_check.log, next to the JSON and PNG results.
 set -uo pipefail
@@ -60,7 +61,8 @@ timeout 180 $PY -m fastbn.bench --device cuda --preset resnet50 --dtype float32,
   --layout nchw,nhwc --impls fastbn,torch,torch_native,floor --reps 15 \
   --json "$OUT_DIR/gpu-resnet50.json" --plot "$OUT_DIR/gpu-resnet50.png" || fail "benchmark"
 
-stage "benchmark: against torch.compile (inductor) on three layers"
+if [[ -z "${QUICK:-}" ]]; then
+stage "benchmark: against torch.compile (inductor) on one layer"
 timeout 120 $PY -m fastbn.bench --device cuda --shape 32x256x56x56 \
   --dtype float32,bfloat16 --layout nchw,nhwc --impls fastbn,torch,inductor,floor --reps 15 \
   --json "$OUT_DIR/gpu-inductor.json" || fail "inductor benchmark"
@@ -87,6 +89,7 @@ for name, fn in [("fastbn", fbf.batch_norm), ("torch", F.batch_norm)]:
         torch.cuda.synchronize()
         print(f"{name:7s} {op:14s} {(time.perf_counter() - t0) / 200 * 1e6:8.1f} us per call")
 PY
+fi
 
 stage "targets"
 $PY bench/gpu_targets.py "$OUT_DIR/gpu-resnet50.json" || fail "targets"

@@ -298,7 +298,7 @@ def test_device_mismatches_are_refused():
         torch.ops.fastbn.batch_norm_backward(torch.randn(4, 3, 5, 5), x, None, mean, var, 1e-5, True,
                                              [True, False, False])
     rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
-    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):  # as torch
         batch_norm(torch.randn(1, 3, device="cuda"), rm, rv, training=True)
     torch.testing.assert_close(rm, torch.zeros(3, device="cuda"))  # a failed call leaves them alone
 
@@ -312,3 +312,34 @@ def test_runs_on_the_current_stream_and_device():
         y = batch_norm(x, None, None, training=True)
     side.synchronize()
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", range(1, 16), ids=lambda m: f"mask{m:04b}")
+@pytest.mark.parametrize("shape, layout", [((4, 6, 5, 5), "contiguous"), ((16, 4, 32, 32), "contiguous"),
+                                           ((4, 6, 5, 5), "channels_last"), ((40, 6), "contiguous")],
+                         ids=["nchw-one-block-per-channel", "nchw-split", "nhwc", "rows"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_residual):
+    """Every subset of (input, weight, bias, residual) grads equals the same grads computed all at
+    once, on each of the backward's launch plans: one fused launch where a block holds a channel,
+    reduce / finish / apply where channels are split, and the rows kernels."""
+    g = torch.Generator().manual_seed(stable_seed("mask", mask, shape, layout))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def tensor(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64).cuda().contiguous(memory_format=fmt)
+
+    x, dy = tensor(*shape), tensor(*shape)
+    residual = tensor(*shape) if with_residual else None
+    weight, bias = tensor(shape[1]) + 1.5, tensor(shape[1])
+    mean, var = torch.ops.fastbn.batch_norm_stats(x)
+    args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
+    full = torch.ops.fastbn.batch_norm_act_backward(*args, [True, True, True, with_residual])
+    output_mask = [bool(mask >> (3 - i) & 1) for i in range(4)]
+    output_mask[3] = output_mask[3] and with_residual
+    part = torch.ops.fastbn.batch_norm_act_backward(*args, output_mask)
+    for name, asked, a, f in zip(["input", "weight", "bias", "residual"], output_mask, part, full):
+        if asked:
+            torch.testing.assert_close(a, f, rtol=0, atol=1e-12, msg=f"grad_{name}")
+        else:
+            assert a.numel() == 0, f"grad_{name} was not asked for"

@@ -208,12 +208,14 @@ struct MomentsOp {
   template <typename Index>
   __device__ void add_channels(State* s, Index unit) const {
     const Pack<T, N> p = load_pack<N>(x, unit);
+    // Welford's update; the pack's channels have seen the same rows, so one reciprocal serves all N
+    const Acc count = s[0].count + Acc(1), inv_count = Acc(1) / count;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {  // Welford's update
+    for (int k = 0; k < N; ++k) {
       const Acc v = to_acc(p.v[k]);
-      s[k].count += Acc(1);
+      s[k].count = count;
       const Acc delta = v - s[k].mean;
-      s[k].mean += delta / s[k].count;
+      s[k].mean += delta * inv_count;
       s[k].m2 += delta * (v - s[k].mean);
     }
   }
@@ -292,6 +294,29 @@ struct GradSumsOp {
 // The reduction kernels. Planes: block (c, split) covers units [split * per_split, ...) of channel
 // c's outer * inner_units packs. Rows: block (group, split) covers rows [split * per_split, ...) of
 // blockDim.x packs of channels; threadIdx.y strides over rows.
+
+// Calls fn(unit) for this thread's units of channel c in [u0, u1), in strides of blockDim.x; a unit
+// is counted over the channel's outer * inner_units packs, fn gets its index in the whole tensor.
+template <typename Index, class Fn>
+__device__ __forceinline__ void for_channel_units(int c, int channels, Index inner_units, Index u0, Index u1,
+                                                  Fn&& fn) {
+  Index u = u0 + threadIdx.x;
+  if (u >= u1) return;
+  // (plane n, offset j) of unit u, advanced without a division per step.
+  Index n = u / inner_units, j = u - n * inner_units;
+  const Index step_n = Index(blockDim.x) / inner_units, step_j = Index(blockDim.x) - step_n * inner_units;
+  const Index plane_stride = Index(channels) * inner_units, channel_offset = Index(c) * inner_units;
+  for (; u < u1; u += blockDim.x) {
+    fn(n * plane_stride + channel_offset + j);
+    n += step_n;
+    j += step_j;
+    if (j >= inner_units) {
+      j -= inner_units;
+      ++n;
+    }
+  }
+}
+
 template <class Op, int N, typename Index>
 __global__ void __launch_bounds__(kThreads)
     reduce_planes_kernel(Op op, Index outer, int channels, Index inner_units, Index per_split,
@@ -303,22 +328,7 @@ __global__ void __launch_bounds__(kThreads)
   const Index u1 = u0 + per_split < units ? u0 + per_split : units;
   op.begin(c, 1);
   State s{};
-  Index u = u0 + threadIdx.x;
-  if (u < u1) {
-    // (plane n, offset j) of unit u, advanced without a division per step.
-    Index n = u / inner_units, j = u - n * inner_units;
-    const Index step_n = Index(blockDim.x) / inner_units, step_j = Index(blockDim.x) - step_n * inner_units;
-    const Index plane_stride = Index(channels) * inner_units, channel_offset = Index(c) * inner_units;
-    for (; u < u1; u += blockDim.x) {
-      op.add_same_channel(s, n * plane_stride + channel_offset + j);
-      n += step_n;
-      j += step_j;
-      if (j >= inner_units) {
-        j -= inner_units;
-        ++n;
-      }
-    }
-  }
+  for_channel_units(c, channels, inner_units, u0, u1, [&](Index unit) { op.add_same_channel(s, unit); });
   s = block_merge(s);
   if (threadIdx.x == 0) partials[int64_t(blockIdx.y) * channels + c] = s;
 }
@@ -355,25 +365,76 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-channel finishing kernels, one thread per channel.
+// Finishing a channel: from its merged sums (in double) to the outputs and the per-channel table.
 
-// Training forward: merges the partials (in split order, in double) into mean and biased variance,
-// and sets the affine table for the normalize pass.
+// Training forward: mean, biased variance and the affine map of the normalize pass.
 template <typename Acc>
-__global__ void finish_moments_kernel(const Moments<Acc>* partials, int splits, int channels, Acc* mean_out,
-                                      Acc* var_out, const Acc* weight, const Acc* bias, double eps,
-                                      ChannelTable<Acc> table) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  Moments<double> s{0, 0, 0};
-  for (int i = 0; i < splits; ++i) {
-    const Moments<Acc> p = partials[int64_t(i) * channels + c];
-    s = merge_moments(s, Moments<double>{double(p.count), double(p.mean), double(p.m2)});
+struct MomentsFinish {
+  Acc *mean, *var;
+  const Acc *weight, *bias;
+  double eps;
+  ChannelTable<Acc> table;
+
+  __device__ ChannelParams<Acc> channel(int c, const Moments<double>& s) const {
+    const double variance = biased_variance(s);
+    mean[c] = Acc(s.mean);
+    var[c] = Acc(variance);
+    const ChannelParams<Acc> p = channel_params(c, double(Acc(s.mean)), variance, weight, bias, eps);
+    table.set_affine(c, p);
+    return p;
   }
-  const double var = biased_variance(s);
-  mean_out[c] = Acc(s.mean);
-  var_out[c] = Acc(var);
-  table.set_affine(c, channel_params(c, double(Acc(s.mean)), var, weight, bias, eps));
+};
+
+// Backward: parameter grads and the input-gradient coefficients, from this batch's sums or, for
+// SyncBatchNorm, from the global means of g and g * x_hat.
+template <typename Acc>
+struct GradFinish {
+  double count;
+  bool training;
+  const Acc *mean, *var, *weight, *bias;
+  double eps;
+  const Acc *mean_dy, *mean_dy_xhat;  // SyncBatchNorm's global means, or null
+  Acc *grad_weight, *grad_bias;       // or null
+  ChannelTable<Acc> table;
+
+  __device__ InputGradCoefficients<Acc> channel(int c, const GradSums<double>& sums) const {
+    const double invstd = inverse_std(double(var[c]), eps);
+    const double w = weight ? double(weight[c]) : 1.0;
+    table.set_affine(c, channel_params(c, double(mean[c]), double(var[c]), weight, bias, eps));
+    InputGradCoefficients<double> k;
+    if (mean_dy) {  // global means are the sums over a batch of one
+      k = input_grad_coefficients(invstd, w, double(mean_dy[c]), double(mean_dy_xhat[c]) / invstd, 1.0, true);
+    } else {
+      if (grad_weight) grad_weight[c] = Acc(sums.g_xmu * invstd);
+      if (grad_bias) grad_bias[c] = Acc(sums.g);
+      k = input_grad_coefficients(invstd, w, sums.g, sums.g_xmu, count, training);
+    }
+    table.dy_scale[c] = Acc(k.dy_scale);
+    table.xmu_scale[c] = Acc(k.xmu_scale);
+    table.shift[c] = Acc(k.shift);
+    return {Acc(k.dy_scale), Acc(k.xmu_scale), Acc(k.shift)};
+  }
+};
+
+template <typename Acc>
+__device__ __forceinline__ Moments<double> in_double(const Moments<Acc>& s) {
+  return {double(s.count), double(s.mean), double(s.m2)};
+}
+template <typename Acc>
+__device__ __forceinline__ GradSums<double> in_double(const GradSums<Acc>& s) {
+  return {double(s.g), double(s.g_xmu)};
+}
+
+// Merges the partials of the reductions: a block per channel, its threads taking the partials in
+// strides and merging in a fixed tree, in double (a thread per channel walking a thousand partials
+// in a row took 0.3 ms when C is small and the splits many).
+template <typename State, class Finish>
+__global__ void finish_kernel(const State* partials, int splits, int channels, Finish finish) {
+  const int c = blockIdx.x;
+  decltype(in_double(State{})) s{};
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) s = merge(s, in_double(partials[int64_t(i) * channels + c]));
+  s = block_merge(s);
+  if (threadIdx.x == 0) finish.channel(c, s);
 }
 
 // Eval forward: the affine table from the running statistics.
@@ -382,38 +443,6 @@ __global__ void eval_params_kernel(int channels, const Acc* mean, const Acc* var
                                    double eps, ChannelTable<Acc> table) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c < channels) table.set_affine(c, channel_params(c, double(mean[c]), double(var[c]), weight, bias, eps));
-}
-
-// Backward: parameter grads and the input-gradient coefficients. Either from this batch's sums
-// (`partials`, `splits` of them; none when the sums are not needed) or, for SyncBatchNorm, from the
-// global means of g and g * x_hat.
-template <typename Acc>
-__global__ void finish_grads_kernel(const GradSums<Acc>* partials, int splits, int channels, double count,
-                                    bool training, const Acc* mean, const Acc* var, const Acc* weight,
-                                    const Acc* bias, double eps, const Acc* mean_dy, const Acc* mean_dy_xhat,
-                                    Acc* grad_weight, Acc* grad_bias, ChannelTable<Acc> table) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  const double invstd = inverse_std(double(var[c]), eps);
-  const double w = weight ? double(weight[c]) : 1.0;
-  table.set_affine(c, channel_params(c, double(mean[c]), double(var[c]), weight, bias, eps));
-  InputGradCoefficients<double> k;
-  if (mean_dy) {  // global means are the sums over a batch of one
-    k = input_grad_coefficients(invstd, w, double(mean_dy[c]), double(mean_dy_xhat[c]) / invstd, 1.0, true);
-  } else {
-    double sum_g = 0, sum_g_xmu = 0;
-    for (int i = 0; i < splits; ++i) {
-      const GradSums<Acc> p = partials[int64_t(i) * channels + c];
-      sum_g += double(p.g);
-      sum_g_xmu += double(p.g_xmu);
-    }
-    if (grad_weight) grad_weight[c] = Acc(sum_g_xmu * invstd);
-    if (grad_bias) grad_bias[c] = Acc(sum_g);
-    k = input_grad_coefficients(invstd, w, sum_g, sum_g_xmu, count, training);
-  }
-  table.dy_scale[c] = Acc(k.dy_scale);
-  table.xmu_scale[c] = Acc(k.xmu_scale);
-  table.shift[c] = Acc(k.shift);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,26 +460,90 @@ struct PackChannels {
   }
 };
 
+template <int N, typename Acc>
+__device__ __forceinline__ Pack<Acc, N> broadcast(Acc v) {
+  Pack<Acc, N> out;
+#pragma unroll
+  for (int k = 0; k < N; ++k) out.v[k] = v;
+  return out;
+}
+
+// A table field's values for a pack's channels: the N adjacent channels of a rows pack in one vector
+// load (c0 is a multiple of N; per-value loads made a warp touch 8x more L1 lines where C >= 256),
+// the one channel of a planes pack broadcast.
+template <int N, typename Acc>
+__device__ __forceinline__ Pack<Acc, N> channel_values(const Acc* field, int c0, bool rows) {
+  return rows ? load_pack<N>(field, c0 / N) : broadcast<N>(field[c0]);
+}
+
+// The affine map (forward) and the input-gradient coefficients (backward) of a pack's channels.
+template <typename Acc, int N>
+struct PackParams {
+  Pack<Acc, N> mean, scale, bias, inv_scale;
+  Pack<Acc, N> dy_scale, xmu_scale, shift;  // backward only
+
+  __device__ __forceinline__ ChannelParams<Acc> affine(int k) const {
+    return {mean.v[k], scale.v[k], bias.v[k], inv_scale.v[k]};
+  }
+};
+
+template <typename Acc, int N>
+__device__ __forceinline__ PackParams<Acc, N> table_values(const ChannelTable<Acc>& t, int c0, bool rows,
+                                                           bool backward) {
+  PackParams<Acc, N> p;
+  p.mean = channel_values<N>(t.mean, c0, rows);
+  p.scale = channel_values<N>(t.scale, c0, rows);
+  p.bias = channel_values<N>(t.bias, c0, rows);
+  if (!backward) return p;
+  p.inv_scale = channel_values<N>(t.inv_scale, c0, rows);
+  p.dy_scale = channel_values<N>(t.dy_scale, c0, rows);
+  p.xmu_scale = channel_values<N>(t.xmu_scale, c0, rows);
+  p.shift = channel_values<N>(t.shift, c0, rows);
+  return p;
+}
+
+// y = act((x - mean) * scale + bias + residual) over pack u.
+template <typename T, int N, typename Index, typename Acc>
+__device__ __forceinline__ void normalize_pack(const T* x, const T* residual, T* y, Index u,
+                                               const PackParams<Acc, N>& p, Activation activation, Acc param) {
+  const Pack<T, N> xv = load_pack<N>(x, u);
+  Pack<T, N> r, out;
+  if (residual) r = load_pack<N>(residual, u);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    Acc z = (to_acc(xv.v[k]) - p.mean.v[k]) * p.scale.v[k] + p.bias.v[k];
+    if (residual) z += to_acc(r.v[k]);
+    out.v[k] = from_acc<T>(activate(activation, z, param));
+  }
+  store_pack<N>(y, u, out);
+}
+
+// dx = g * dy_scale + (x - mean) * xmu_scale + shift over pack u; the residual's grad is g itself.
+template <typename T, int N, typename Index, typename Acc>
+__device__ __forceinline__ void grad_input_pack(const GradInputs<T>& in, T* grad_input, T* grad_residual, Index u,
+                                                const PackParams<Acc, N>& p) {
+  const Pack<T, N> dy = load_pack<N>(in.dy, u), sv = load_pack<N>(in.saved, u);
+  Pack<T, N> r, dx, gr;
+  if (in.residual) r = load_pack<N>(in.residual, u);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    Acc g, xmu;
+    in.element(to_acc(dy.v[k]), to_acc(sv.v[k]), in.residual ? to_acc(r.v[k]) : Acc(0), p.affine(k), g, xmu);
+    dx.v[k] = from_acc<T>(g * p.dy_scale.v[k] + xmu * p.xmu_scale.v[k] + p.shift.v[k]);
+    gr.v[k] = from_acc<T>(g);
+  }
+  if (grad_input) store_pack<N>(grad_input, u, dx);
+  if (grad_residual) store_pack<N>(grad_residual, u, gr);
+}
+
 template <typename T, int N, typename Index>
 __global__ void __launch_bounds__(kThreads)
     normalize_kernel(const T* x, const T* residual, T* y, Index units, PackChannels<Index> map,
                      ChannelTable<typename GradInputs<T>::Acc> table, Activation activation, double param) {
   using Acc = typename GradInputs<T>::Acc;
-  const Acc p = Acc(param);
-  for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x) {
-    const int c0 = map.first(u);
-    const Pack<T, N> xv = load_pack<N>(x, u);
-    Pack<T, N> r, out;
-    if (residual) r = load_pack<N>(residual, u);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = map.rows ? c0 + k : c0;
-      Acc z = (to_acc(xv.v[k]) - table.mean[c]) * table.scale[c] + table.bias[c];
-      if (residual) z += to_acc(r.v[k]);
-      out.v[k] = from_acc<T>(activate(activation, z, p));
-    }
-    store_pack<N>(y, u, out);
-  }
+  for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x)
+    normalize_pack<T, N>(x, residual, y, u, table_values<Acc, N>(table, map.first(u), map.rows, false), activation,
+                         Acc(param));
 }
 
 template <typename T, int N, typename Index>
@@ -458,23 +551,60 @@ __global__ void __launch_bounds__(kThreads)
     grad_input_kernel(GradInputs<T> in, T* grad_input, T* grad_residual, Index units, PackChannels<Index> map,
                       ChannelTable<typename GradInputs<T>::Acc> table) {
   using Acc = typename GradInputs<T>::Acc;
-  for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x) {
-    const int c0 = map.first(u);
-    const Pack<T, N> dy = load_pack<N>(in.dy, u), sv = load_pack<N>(in.saved, u);
-    Pack<T, N> r, dx, gr;
-    if (in.residual) r = load_pack<N>(in.residual, u);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = map.rows ? c0 + k : c0;
-      const ChannelParams<Acc> p{table.mean[c], table.scale[c], table.bias[c], table.inv_scale[c]};
-      Acc g, xmu;
-      in.element(to_acc(dy.v[k]), to_acc(sv.v[k]), in.residual ? to_acc(r.v[k]) : Acc(0), p, g, xmu);
-      dx.v[k] = from_acc<T>(g * table.dy_scale[c] + xmu * table.xmu_scale[c] + table.shift[c]);
-      gr.v[k] = from_acc<T>(g);
-    }
-    if (grad_input) store_pack<N>(grad_input, u, dx);
-    if (grad_residual) store_pack<N>(grad_residual, u, gr);
-  }
+  for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x)
+    grad_input_pack<T, N>(in, grad_input, grad_residual, u, table_values<Acc, N>(table, map.first(u), map.rows, true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One launch instead of three when a block holds a whole channel (planes, one split: channels of
+// under 2048 packs, or so many channels that they fill the GPU alone): the block reduces its
+// channel, finishes it, and makes its second pass over the slice it has just read, mostly from
+// cache. Small layers (14x14, 7x7) are launch-bound on a GPU.
+
+template <typename T, int N, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    train_forward_planes_kernel(const T* x, const T* residual, T* y, Index outer, int channels, Index inner_units,
+                                MomentsFinish<typename GradInputs<T>::Acc> finish, Activation activation,
+                                double param) {
+  using Acc = typename GradInputs<T>::Acc;
+  const int c = blockIdx.x;
+  const Index units = outer * inner_units;
+  const MomentsOp<T, N> op{x};
+  Moments<Acc> s{};
+  for_channel_units(c, channels, inner_units, Index(0), units, [&](Index unit) { op.add_same_channel(s, unit); });
+  s = block_merge(s);
+  __shared__ ChannelParams<Acc> shared;
+  if (threadIdx.x == 0) shared = finish.channel(c, in_double(s));
+  __syncthreads();
+  PackParams<Acc, N> p;
+  p.mean = broadcast<N>(shared.mean);
+  p.scale = broadcast<N>(shared.scale);
+  p.bias = broadcast<N>(shared.bias);
+  for_channel_units(c, channels, inner_units, Index(0), units,
+                    [&](Index unit) { normalize_pack<T, N>(x, residual, y, unit, p, activation, Acc(param)); });
+}
+
+template <typename T, int N, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    backward_planes_kernel(GradSumsOp<T, N> op, T* grad_input, T* grad_residual, Index outer, int channels,
+                           Index inner_units, GradFinish<typename GradInputs<T>::Acc> finish) {
+  using Acc = typename GradInputs<T>::Acc;
+  const int c = blockIdx.x;
+  const Index units = outer * inner_units;
+  op.begin(c, 1);
+  GradSums<Acc> s{};
+  for_channel_units(c, channels, inner_units, Index(0), units, [&](Index unit) { op.add_same_channel(s, unit); });
+  s = block_merge(s);
+  __shared__ InputGradCoefficients<Acc> shared;
+  if (threadIdx.x == 0) shared = finish.channel(c, in_double(s));
+  __syncthreads();
+  const ChannelParams<Acc>& affine = op.params[0];  // what finish.channel put in the table
+  const PackParams<Acc, N> p{broadcast<N>(affine.mean),      broadcast<N>(affine.scale),
+                             broadcast<N>(affine.bias),      broadcast<N>(affine.inv_scale),
+                             broadcast<N>(shared.dy_scale), broadcast<N>(shared.xmu_scale),
+                             broadcast<N>(shared.shift)};
+  for_channel_units(c, channels, inner_units, Index(0), units,
+                    [&](Index unit) { grad_input_pack<T, N>(op.in, grad_input, grad_residual, unit, p); });
 }
 
 template <typename R, typename B>
@@ -494,6 +624,13 @@ __global__ void update_running_stats_kernel(R* running_mean, R* running_var, con
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int blocks_for(int64_t items, int per_block = kThreads) { return int(std::max<int64_t>(1, ceil_div(items, per_block))); }
+
+// Threads of a finishing block: a warp, doubled while there are more partials to merge, up to kThreads.
+int finish_threads(int splits) {
+  int threads = kWarp;
+  while (threads < splits && threads < kThreads) threads *= 2;
+  return threads;
+}
 
 template <typename T>
 bool aligned(const void* p, int n) {
@@ -519,17 +656,30 @@ struct Scratch {
   }
 };
 
-// Runs a reduction over the whole tensor into partials[splits][C]; returns the number of splits.
+// How a planes reduction splits each channel's units (numel > 0): `per_split` units per block, in
+// `used` blocks. Channels are split until the grid fills the GPU, keeping >= 4 packs per thread.
+struct PlanesSplit {
+  int64_t per_split;
+  int used;
+};
+PlanesSplit planes_split(const Geometry& g, int n, const Launch& launch) {
+  const int64_t units = g.outer * (g.inner / n);
+  const int64_t target = int64_t(launch.sm_count) * kBlocksPerSm;
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div(target, g.channels), 1, std::max<int64_t>(1, units / (kThreads * 4)));
+  const int64_t per_split = ceil_div(units, splits);
+  return {per_split, int(ceil_div(units, per_split))};
+}
+
+// Runs a reduction over the whole tensor (numel > 0) into partials[splits][C]; returns the number
+// of splits.
 template <class Op, int N, typename Index>
 int reduce(const Op& op, const Geometry& g, const Launch& launch, typename Op::State** partials_out) {
   using State = typename Op::State;
   const int C = int(g.channels);
   const int64_t target = int64_t(launch.sm_count) * kBlocksPerSm;
   if (g.inner > 1) {
-    const int64_t units = g.outer * (g.inner / N);
-    const int64_t splits = std::clamp<int64_t>(ceil_div(target, C), 1, std::max<int64_t>(1, units / (kThreads * 4)));
-    const int64_t per_split = ceil_div(units, splits);
-    const int used = int(ceil_div(units, per_split));
+    const auto [per_split, used] = planes_split(g, N, launch);
     State* partials = Scratch<State>{launch}.get(int64_t(used) * C);
     reduce_planes_kernel<Op, N, Index><<<dim3(C, used), kThreads, 0, launch.stream>>>(
         op, Index(g.outer), C, Index(g.inner / N), Index(per_split), partials);
@@ -603,22 +753,29 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
   const int64_t numel = g.outer * g.channels * g.inner;
   const int n = pack_width<T>(g, {a.input, a.output, a.epilogue.residual});
   const auto table = ChannelTable<Acc>::over(Scratch<Acc>{launch}.get(ChannelTable<Acc>::kFields * C), C);
+  const MomentsFinish<Acc> finish{static_cast<Acc*>(a.mean), static_cast<Acc*>(a.var), static_cast<const Acc*>(a.weight),
+                                  static_cast<const Acc*>(a.bias), a.eps, table};
+  const auto* x = static_cast<const T*>(a.input);
+  const auto* residual = static_cast<const T*>(a.epilogue.residual);
+  auto* y = static_cast<T*>(a.output);
   with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
+    if (y && numel > 0 && g.inner > 1 && planes_split(g, N, launch).used == 1) {
+      train_forward_planes_kernel<T, N, Index><<<C, kThreads, 0, launch.stream>>>(
+          x, residual, y, Index(g.outer), C, Index(g.inner / N), finish, a.epilogue.activation, a.epilogue.param);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     Moments<Acc>* partials = nullptr;
     int splits = 0;
-    if (numel > 0) splits = reduce<MomentsOp<T, N>, N, Index>(MomentsOp<T, N>{static_cast<const T*>(a.input)}, g,
-                                                               launch, &partials);
-    finish_moments_kernel<Acc><<<blocks_for(C), kThreads, 0, launch.stream>>>(
-        partials, splits, C, static_cast<Acc*>(a.mean), static_cast<Acc*>(a.var), static_cast<const Acc*>(a.weight),
-        static_cast<const Acc*>(a.bias), a.eps, table);
+    if (numel > 0) splits = reduce<MomentsOp<T, N>, N, Index>(MomentsOp<T, N>{x}, g, launch, &partials);
+    finish_kernel<<<C, finish_threads(splits), 0, launch.stream>>>(partials, splits, C, finish);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!a.output || numel == 0) return;
+    if (!y || numel == 0) return;
     const int64_t units = numel / N;
     normalize_kernel<T, N, Index><<<elementwise_blocks(units, launch), kThreads, 0, launch.stream>>>(
-        static_cast<const T*>(a.input), static_cast<const T*>(a.epilogue.residual), static_cast<T*>(a.output),
-        Index(units), pack_channels<Index>(g, N), table, a.epilogue.activation, a.epilogue.param);
+        x, residual, y, Index(units), pack_channels<Index>(g, N), table, a.epilogue.activation, a.epilogue.param);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -674,25 +831,39 @@ void backward_impl(const BackwardArgs& a, const Launch& launch) {
   const auto* var = static_cast<const Acc*>(a.var);
   const auto* weight = static_cast<const Acc*>(a.weight);
   const auto* bias = static_cast<const Acc*>(a.bias);
+  const GradFinish<Acc> finish{double(count),
+                               a.training,
+                               mean,
+                               var,
+                               weight,
+                               bias,
+                               a.eps,
+                               static_cast<const Acc*>(a.mean_dy),
+                               static_cast<const Acc*>(a.mean_dy_xhat),
+                               static_cast<Acc*>(a.grad_weight),
+                               static_cast<Acc*>(a.grad_bias),
+                               table};
+  auto* grad_input = static_cast<T*>(a.grad_input);
+  auto* grad_residual = static_cast<T*>(a.grad_residual);
   with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
+    const GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
+    if (has_reduce && has_apply && g.inner > 1 && planes_split(g, N, launch).used == 1) {
+      backward_planes_kernel<T, N, Index><<<C, kThreads, 0, launch.stream>>>(
+          op, grad_input, grad_residual, Index(g.outer), C, Index(g.inner / N), finish);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     GradSums<Acc>* partials = nullptr;
     int splits = 0;
-    if (has_reduce && numel > 0) {
-      GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
-      splits = reduce<GradSumsOp<T, N>, N, Index>(op, g, launch, &partials);
-    }
-    finish_grads_kernel<Acc><<<blocks_for(C), kThreads, 0, launch.stream>>>(
-        partials, splits, C, double(count), a.training, mean, var, weight, bias, a.eps,
-        static_cast<const Acc*>(a.mean_dy), static_cast<const Acc*>(a.mean_dy_xhat), static_cast<Acc*>(a.grad_weight),
-        static_cast<Acc*>(a.grad_bias), table);
+    if (has_reduce && numel > 0) splits = reduce<GradSumsOp<T, N>, N, Index>(op, g, launch, &partials);
+    finish_kernel<<<C, finish_threads(splits), 0, launch.stream>>>(partials, splits, C, finish);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!has_apply) return;
     const int64_t units = numel / N;
     grad_input_kernel<T, N, Index><<<elementwise_blocks(units, launch), kThreads, 0, launch.stream>>>(
-        in, static_cast<T*>(a.grad_input), static_cast<T*>(a.grad_residual), Index(units), pack_channels<Index>(g, N),
-        table);
+        in, grad_input, grad_residual, Index(units), pack_channels<Index>(g, N), table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
