@@ -327,10 +327,10 @@ def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def tensor(*size):
-        return torch.randn(*size, generator=g, dtype=torch.float64).cuda().contiguous(memory_format=fmt)
+        return torch.randn(*size, generator=g, dtype=torch.float64).cuda()
 
-    x, dy = tensor(*shape), tensor(*shape)
-    residual = tensor(*shape) if with_residual else None
+    x, dy = (tensor(*shape).contiguous(memory_format=fmt) for _ in range(2))
+    residual = tensor(*shape).contiguous(memory_format=fmt) if with_residual else None
     weight, bias = tensor(shape[1]) + 1.5, tensor(shape[1])
     mean, var = torch.ops.fastbn.batch_norm_stats(x)
     args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
