@@ -5,7 +5,7 @@
 # and the copy floor, and check the issue's targets. About 4-6 minutes on an H100/H200.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
-#   QUICK=1 bash bench/gpu_check.sh ...    skips the torch.compile and launch-overhead stages
+#   QUICK=1 bash bench/gpu_check.sh ...    skips the torch.compile and per-call overhead stages
 #
 # Everything printed is also written to OUT_DIR/gpu_check.log, next to the JSON and PNG results.
 set -uo pipefail
@@ -67,28 +67,9 @@ timeout 120 $PY -m fastbn.bench --device cuda --shape 32x256x56x56 \
   --dtype float32,bfloat16 --layout nchw,nhwc --impls fastbn,torch,inductor,floor --reps 15 \
   --json "$OUT_DIR/gpu-inductor.json" || fail "inductor benchmark"
 
-stage "launch overhead: wall time per call, back to back, on a small layer (32x64x56x56 fp32)"
-$PY - <<'PY' || fail "launch overhead"
-import time, torch, torch.nn.functional as F
-import fastbn.functional as fbf
-x = torch.randn(32, 64, 56, 56, device="cuda", requires_grad=True)
-g, w, b = torch.randn_like(x), torch.ones(64, device="cuda", requires_grad=True), torch.zeros(64, device="cuda")
-rm, rv = torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
-for name, fn in [("fastbn", fbf.batch_norm), ("torch", F.batch_norm)]:
-    for op in ("train_fwd", "train_fwd_bwd"):
-        def step():
-            y = fn(x, rm, rv, w, b, True)
-            if op == "train_fwd_bwd":
-                y.backward(g)
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            step()
-        torch.cuda.synchronize()
-        print(f"{name:7s} {op:14s} {(time.perf_counter() - t0) / 200 * 1e6:8.1f} us per call")
-PY
+stage "per-call overhead: BatchNorm2d modules on a tiny input, back to back"
+timeout 60 $PY -m fastbn.bench --device cuda --overhead --reps 9 --json "$OUT_DIR/gpu-overhead.json" \
+  || fail "overhead benchmark"
 fi
 
 stage "targets"

@@ -109,3 +109,11 @@ def test_cli_fused_case(tmp_path, capsys):
     memory = data["meta"]["saved_activation_bytes"]
     assert memory["fastbn BatchNormAct2d memory_efficient"] < memory["torch BatchNorm2d + LeakyReLU"]
     assert "autograd-saved activations" in capsys.readouterr().out
+
+
+def test_cli_overhead_mode(capsys):
+    records = main(["--overhead", "--reps", "2"])
+    assert {(r["op"], r["impl"]) for r in records} == {(op, impl) for op in ("train_fwd", "train_fwd_bwd", "eval_fwd")
+                                                       for impl in ("torch", "fastbn")}
+    assert all(r["median_ms"] > 0 for r in records)
+    assert "fastbn / torch" in capsys.readouterr().out

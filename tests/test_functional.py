@@ -92,6 +92,42 @@ def test_options_float64(affine, with_running):
         torch.testing.assert_close(y, F.batch_norm(x, *ref_stats, weight, bias, training=False), rtol=1e-12, atol=1e-12)
 
 
+# each of input, weight, bias: absent (None), given without grad, or given with grad
+PARAM_MODES = ["absent", "frozen", "trained"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("input_grad, weight_mode, bias_mode", [
+    pytest.param(dx, w, b, id=f"{'dx' if dx else 'no-dx'}-weight-{w}-bias-{b}")
+    for dx in (True, False) for w in PARAM_MODES for b in PARAM_MODES
+    if dx or "trained" in (w, b)])  # (with none of them trained there is nothing to differentiate)
+def test_grads_for_every_mix_of_given_and_trained_parameters(training, input_grad, weight_mode, bias_mode):
+    """The grads match torch's whichever of input, weight and bias are absent or need no grad (the
+    autograd kernel maps the grads it is asked for onto the tensors it was given)."""
+    g = torch.Generator().manual_seed(stable_seed(training, input_grad, weight_mode, bias_mode))
+    x = torch.randn(6, 5, 4, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def param(mode, offset):
+        t = torch.rand(5, generator=g, dtype=torch.float64) + offset
+        return None if mode == "absent" else t.requires_grad_(mode == "trained")
+
+    weight, bias = param(weight_mode, 0.5), param(bias_mode, -0.5)
+    stats = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    results = []
+    for fn in (batch_norm, F.batch_norm):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (x.requires_grad_(input_grad), weight, bias)]
+        y = fn(leaves[0], stats[0].clone(), stats[1].clone(), leaves[1], leaves[2], training=training)
+        y.backward(dy)
+        results.append([t.grad if t is not None else None for t in leaves])
+    for name, ours, theirs in zip(["input", "weight", "bias"], *results):
+        if theirs is None:
+            assert ours is None, f"grad_{name} computed though not asked for"
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=f"grad_{name}")
+
+
 @pytest.mark.parametrize("shape, fmt", [((8, 4, 32, 32), torch.contiguous_format),
                                         ((8, 4, 32, 32), torch.channels_last), ((8192, 4), torch.contiguous_format)],
                          ids=["nchw", "channels_last", "2d"])

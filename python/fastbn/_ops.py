@@ -1,6 +1,7 @@
-"""Loads the compiled ops (torch.ops.fastbn.*) and gives them fake kernels and autograd.
+"""Loads the compiled ops (torch.ops.fastbn.*) and gives them fake kernels, and the fused ops autograd.
 
-The schemas are declared in csrc/ops.cpp; this file is the only Python that knows about them.
+The schemas are declared in csrc/ops.cpp; this file is the only Python that knows about them. The
+plain ops' autograd is in C++ (csrc/autograd.cpp): through Python it cost 30 us per call.
 """
 import torch
 
@@ -101,7 +102,7 @@ def _(running_mean, running_var, num_batches_tracked, mean, var, momentum, count
     return None
 
 
-# ---- autograd ----------------------------------------------------------------------------------
+# ---- autograd of the fused ops -----------------------------------------------------------------
 
 def _param_grads(ctx, grad_input, grad_weight, grad_bias):
     """Drops grads nobody asked for and returns parameter grads in the parameters' own dtypes."""
@@ -116,39 +117,6 @@ def _save_param_dtypes(ctx, weight, bias):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.save_for_backward(input, weight, mean, var)
-    ctx.eps = eps
-    _save_param_dtypes(ctx, weight, bias)
-    # The statistics are for the running averages and for backward, not for differentiating:
-    # they need no detach() before the update op, and get no zero-filled grads here.
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _train_backward(ctx, grad_output, grad_mean, grad_var):
-    input, weight, mean, var = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    grads = batch_norm_backward(grad_output, input, weight, mean, var, ctx.eps, True, mask)
-    return (*_param_grads(ctx, *grads), None)
-
-
-def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(input, weight, running_mean, running_var)
-    ctx.eps = eps
-    _save_param_dtypes(ctx, weight, bias)
-
-
-def _eval_backward(ctx, grad_output):
-    input, weight, running_mean, running_var = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    grads = batch_norm_backward(grad_output, input, weight, running_mean, running_var, ctx.eps, False, mask)
-    return (*_param_grads(ctx, *grads), None, None, None)
-
-
-# ---- autograd of the fused ops ----------------------------------------------------------------
 # Standard mode saves the input (and the residual, to recompute the pre-activation). Memory-efficient
 # mode saves the output instead, from which the backward recovers x = (act^-1(y) - bias - residual)
 # / scale + mean. Where |weight| is 0, or small next to |bias| (the recovery would lose more than
@@ -217,9 +185,7 @@ def _act_eval_backward(ctx, grad_output):
     return (*_act_backward(ctx, grad_output, False), None, None, None, None, None, None)
 
 
-torch.library.register_autograd("fastbn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
 torch.library.register_autograd("fastbn::batch_norm_act_train", _act_train_backward,
                                 setup_context=_act_train_setup_context)
 torch.library.register_autograd("fastbn::batch_norm_act_eval", _act_eval_backward,
                                 setup_context=_act_eval_setup_context)
-torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)

@@ -15,6 +15,8 @@ from .fused import SHAPES as FUSED_SHAPES
 from .fused import fused_table, run_fused, run_memory
 from .impls import IMPLS, default_impls
 from .inference import inference_table, run_inference
+from .overhead import SHAPE as OVERHEAD_SHAPE
+from .overhead import overhead_table, run_overhead
 from .report import table, write_json, write_plot
 from .runner import keep_freed_memory, run_cases
 
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--fused", action="store_true",
                    help="instead of the ops: fused BN+ReLU and BN+add+ReLU training steps against torch's and "
                         "fastbn's unfused ones, and the autograd-saved memory of a Conv-BN-LeakyReLU stack")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead of the ops: the per-call cost of a BatchNorm2d on a tiny input, back-to-back calls "
+                        "(the Python, dispatcher and autograd work around the kernels), torch against fastbn")
     p.add_argument("--sync", action="store_true",
                    help="instead of the ops: fastbn.SyncBatchNorm across --world-size gloo processes on this "
                         "machine (bytes sent per layer, step time against unsynchronized BatchNorm)")
@@ -136,6 +141,13 @@ def main(argv=None):
         memory = run_memory()
         meta["saved_activation_bytes"] = memory
         report = fused_table(records, memory)
+    elif args.overhead:
+        meta["preset"] = "overhead"
+        print(header + f"{meta['threads']} threads, BatchNorm2d modules on {tuple(OVERHEAD_SHAPE)}, back-to-back "
+              f"calls, median of {args.reps} runs of 200 calls")
+        with _progress(len(OPS)) as bar:
+            records = run_overhead(args.device, args.reps, progress=bar)
+        report = overhead_table(records)
     elif args.inference:
         meta["preset"] = "inference"
         layouts = args.layout or ["nchw", "nhwc"]
@@ -155,8 +167,8 @@ def main(argv=None):
     if args.json:
         write_json(records, args.json, meta)
         print(f"wrote {args.json}")
-    if args.plot and (args.sync or args.fused):
-        print("--plot: nothing to plot for --sync or --fused")
+    if args.plot and (args.sync or args.fused or args.overhead):
+        print("--plot: nothing to plot for --sync, --fused or --overhead")
     elif args.plot:
         write_plot(records, args.plot, f"fastbn vs peers, {args.device}, preset {meta['preset']}")
         print(f"wrote {args.plot}")
