@@ -136,3 +136,21 @@ class Bottleneck(nn.Module):
         out = torch.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return F.relu(out + self.downsample(x))
+
+
+def assert_backward_gives_exactly_the_grads_asked_for(x, dy, weight, bias, residual, mask):
+    """batch_norm_act_backward with output mask `mask` (bits: input, weight, bias, residual; the
+    residual bit only counts when there is one) against the same call asking for every grad: the
+    grads asked for are equal, the others come back empty."""
+    mean, var = torch.ops.fastbn.batch_norm_stats(x)
+    with_residual = residual is not None
+    args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
+    full = torch.ops.fastbn.batch_norm_act_backward(*args, [True, True, True, with_residual])
+    output_mask = [bool(mask >> (3 - i) & 1) for i in range(4)]
+    output_mask[3] = output_mask[3] and with_residual
+    part = torch.ops.fastbn.batch_norm_act_backward(*args, output_mask)
+    for name, asked, a, f in zip(["input", "weight", "bias", "residual"], output_mask, part, full):
+        if asked:
+            torch.testing.assert_close(a, f, rtol=0, atol=1e-12, msg=f"grad_{name}")
+        else:
+            assert a.numel() == 0, f"grad_{name} was not asked for"

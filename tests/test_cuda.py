@@ -9,8 +9,8 @@ from torch import nn
 
 import fastbn
 from fastbn.functional import batch_norm, batch_norm_act
-from conftest import (DTYPE_IDS, DTYPES, SHAPES, assert_close_to_reference, input_grad_scale, make_input,
-                      param_dtype_for, shape_id, stable_seed)
+from conftest import (DTYPE_IDS, DTYPES, SHAPES, assert_backward_gives_exactly_the_grads_asked_for,
+                      assert_close_to_reference, input_grad_scale, make_input, param_dtype_for, shape_id, stable_seed)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -332,14 +332,4 @@ def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_
     x, dy = (tensor(*shape).contiguous(memory_format=fmt) for _ in range(2))
     residual = tensor(*shape).contiguous(memory_format=fmt) if with_residual else None
     weight, bias = tensor(shape[1]) + 1.5, tensor(shape[1])
-    mean, var = torch.ops.fastbn.batch_norm_stats(x)
-    args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
-    full = torch.ops.fastbn.batch_norm_act_backward(*args, [True, True, True, with_residual])
-    output_mask = [bool(mask >> (3 - i) & 1) for i in range(4)]
-    output_mask[3] = output_mask[3] and with_residual
-    part = torch.ops.fastbn.batch_norm_act_backward(*args, output_mask)
-    for name, asked, a, f in zip(["input", "weight", "bias", "residual"], output_mask, part, full):
-        if asked:
-            torch.testing.assert_close(a, f, rtol=0, atol=1e-12, msg=f"grad_{name}")
-        else:
-            assert a.numel() == 0, f"grad_{name} was not asked for"
+    assert_backward_gives_exactly_the_grads_asked_for(x, dy, weight, bias, residual, mask)

@@ -8,8 +8,9 @@ from torch import nn
 import fastbn
 from fastbn.functional import batch_norm_act
 from fastbn.bench.fused import MEMORY_VARIANTS, conv_bn_act_stack, saved_activation_bytes
-from conftest import (DTYPE_IDS, DTYPES, BasicBlock, Bottleneck, assert_close_to_reference, make_input,
-                      param_dtype_for, randomize_batch_norms, shape_id, stable_seed)
+from conftest import (DTYPE_IDS, DTYPES, BasicBlock, Bottleneck, assert_backward_gives_exactly_the_grads_asked_for,
+                      assert_close_to_reference, make_input, param_dtype_for, randomize_batch_norms, shape_id,
+                      stable_seed)
 
 ACTIVATIONS = {
     "identity": (None, lambda z, p: z),
@@ -307,15 +308,4 @@ def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_
     """Every subset of (input, weight, bias, residual) grads equals the same grads computed all at
     once (which the tests above check against torch): e.g. a frozen input with a trained residual."""
     x, weight, bias, residual, _, _, dy = make_case(shape, layout, torch.float64, 5)
-    residual = residual if with_residual else None
-    mean, var = torch.ops.fastbn.batch_norm_stats(x)
-    args = (dy, x, False, weight, bias, residual, mean, var, 1e-5, True, 1, 0.0)
-    full = torch.ops.fastbn.batch_norm_act_backward(*args, [True, True, True, with_residual])
-    output_mask = [bool(mask >> (3 - i) & 1) for i in range(4)]
-    output_mask[3] = output_mask[3] and with_residual
-    part = torch.ops.fastbn.batch_norm_act_backward(*args, output_mask)
-    for name, asked, a, f in zip(["input", "weight", "bias", "residual"], output_mask, part, full):
-        if asked:
-            torch.testing.assert_close(a, f, rtol=0, atol=1e-12, msg=f"grad_{name}")
-        else:
-            assert a.numel() == 0, f"grad_{name} was not asked for"
+    assert_backward_gives_exactly_the_grads_asked_for(x, dy, weight, bias, residual if with_residual else None, mask)
