@@ -92,13 +92,10 @@ template <Dtype D>
 constexpr bool kStaged = std::is_same_v<typename Traits<D>::storage, uint16_t>;
 constexpr int64_t kStageElems = 1024;
 
-#ifdef FASTBN_HAS_F16C
-constexpr bool kHasF16C = true;
-#else
+#ifndef FASTBN_HAS_F16C
 constexpr bool kHasF16C = false;
-#endif
-
-#ifdef FASTBN_HAS_F16C
+#else
+constexpr bool kHasF16C = true;
 constexpr int kHalfRounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // F16C: to nearest even
 
 // 16 half values as two float vectors. bfloat16 widens by interleaving with zeros, which leaves the
