@@ -93,7 +93,10 @@ def extension():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC keeps a
     # branch around any product that might raise one, so the activations' selects would not vectorize.
-    cxx += ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: GCC fuses a * b + c into an FMA where it inlines and vectorizes a loop, so
+    # the same expression could round differently on two paths (the one-read and two-pass planes
+    # passes share their per-element code and must give the same bits); FMAs are written out.
+    cxx += ["-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
     if env_flag("FASTBN_NATIVE", False):
         cxx.append("-march=native")
     define_macros = []

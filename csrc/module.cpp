@@ -1,5 +1,5 @@
 // The Python module fastbn._C: loading it registers the ops (ops.cpp, cpu/, cuda/); the module
-// itself only reports how it was built and lets tests pick a SIMD path.
+// itself only reports how it was built and lets tests pick a SIMD path and a planes path.
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
@@ -29,6 +29,7 @@ py::dict build_info() {
   info["openmp_version"] = 0;
 #endif
   info["simd"] = fastbn::cpu::active_kernels().simd;
+  info["cpu_channel_group_bytes"] = fastbn::cpu::channel_group_bytes();
   return info;
 }
 
@@ -40,4 +41,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_simd", [](const std::string& name) { return fastbn::cpu::set_simd(name.c_str()); },
       "Use the kernels compiled for `name` (avx512, avx2, baseline); False if this CPU lacks it.");
+  m.def("set_channel_group_bytes", &fastbn::cpu::set_channel_group_bytes,
+        "Cache bytes the CPU planes training passes may fill with a group of channels (0: two passes "
+        "over memory instead); returns the previous value.");
 }

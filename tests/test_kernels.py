@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastbn
 from fastbn.functional import batch_norm
 from conftest import DTYPE_IDS, DTYPES, assert_close_to_reference, make_input, shape_layouts
 
@@ -109,6 +110,46 @@ def test_large_tensor(dtype):
     assert_close_to_reference(grad_input, theirs_x.grad, xr.grad, dtype, "grad_input")
     torch.testing.assert_close(grad_bias.double(), br.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grad_weight.double(), wr.grad, rtol=1e-4, atol=1e-3)
+
+
+def _fused_ops(x, w, b, residual, grad):
+    """batch_norm_act's training forward and backward: leaky_relu over BN(x) + residual (the
+    residual's gradient written by the reduction), and the memory-efficient form (x recovered from
+    the output)."""
+    results = []
+    for memory_efficient in (False, True):
+        out, mean, var = ops.batch_norm_act_train(x, w, b, residual, 1e-5, 2, 0.1, memory_efficient)
+        saved = out if memory_efficient else x
+        results += [out, mean, var, *ops.batch_norm_act_backward(
+            grad, saved, memory_efficient, w, b, residual, mean, var, 1e-5, True, 2, 0.1, [True, True, True, True])]
+    return results
+
+
+# Where a group of channels' slices fits in the cache, the CPU planes passes read DRAM once (the
+# group is reduced, then normalized from the cache); otherwise they make two passes over memory.
+# Both paths must give the same bits, whatever the group size and with a last group cut short.
+@pytest.mark.parametrize("shape", [(4, 7, 12, 12), (3, 5, 2, 9, 16), (2, 7, 300), (2, 3, 70, 70)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_one_read_planes_path_gives_the_two_pass_bits(shape, dtype):
+    g = torch.Generator().manual_seed(13)
+    x, residual, grad = (make_input(shape, dtype, "contiguous", g, scale=2.0, shift=s) for s in (3.0, 0.0, 0.0))
+    C = shape[1]
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = (torch.rand(C, generator=g) + 0.5).to(pdt), torch.randn(C, generator=g).to(pdt)
+
+    def run():
+        return [*_all_ops(x, w, b, grad), *_fused_ops(x, w, b, residual, grad)]
+
+    previous = fastbn._C.set_channel_group_bytes(0)
+    try:
+        two_passes = run()
+        for budget in (1 << 20, 3 * 4 * 8 * 300, 1 << 12):  # whole channels per thread, 2 channels, 1 channel
+            fastbn._C.set_channel_group_bytes(budget)
+            for threads in (1, 2, 3):
+                for a, m in zip(two_passes, _with_threads(threads, run)):
+                    assert torch.equal(a, m), f"budget {budget}, {threads} threads"
+    finally:
+        fastbn._C.set_channel_group_bytes(previous)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -39,7 +39,7 @@ def simd_loops():
 
 def report(cxx, unit):
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
-        cmd = [cxx, "-O3", "-fopenmp", "-fno-trapping-math", "-fPIC", "-std=c++17", "-DFASTBN_VECTORIZATION_CHECK", "-c",
+        cmd = [cxx, "-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-std=c++17", "-DFASTBN_VECTORIZATION_CHECK", "-c",
                os.path.join(ROOT, "csrc", "cpu", unit),
                "-o", os.devnull, f"-fopt-info-vec-all={out.name}"]
         subprocess.run(cmd, check=True)

@@ -1,4 +1,8 @@
-// Picks the kernel table for the running CPU once, at first use.
+// Picks the kernel table for the running CPU once, at first use, and sizes the cache-resident
+// planes passes from the CPU's L2.
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -49,7 +53,25 @@ std::atomic<const KernelTable*>& current() {
   return table;
 }
 
+int64_t default_channel_group_bytes() {
+  if (const char* forced = std::getenv("FASTBN_CPU_GROUP_BYTES")) return std::max<int64_t>(0, std::atoll(forced));
+  int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // per core on x86 glibc; 0 or -1 when unknown
+#endif
+  return (l2 > 0 ? l2 : int64_t(512) << 10) / 2;
+}
+
+std::atomic<int64_t>& group_bytes() {
+  static std::atomic<int64_t> bytes{default_channel_group_bytes()};
+  return bytes;
+}
+
 }  // namespace
+
+int64_t channel_group_bytes() { return group_bytes().load(std::memory_order_relaxed); }
+
+int64_t set_channel_group_bytes(int64_t bytes) { return group_bytes().exchange(std::max<int64_t>(0, bytes)); }
 
 const KernelTable& active_kernels() { return *current().load(std::memory_order_acquire); }
 

@@ -24,4 +24,11 @@ const KernelTable& active_kernels();
 // Forces a table by name (tests and benchmarks compare paths); returns false if the CPU lacks it.
 bool set_simd(const char* name);
 
+// Bytes of one core's cache that a planes training pass may fill with a group of channels' slices,
+// so that it reads them from DRAM once (kernels_impl.h, channels_per_group). Default: half the
+// core's L2 (256 KB where the size is unknown), or FASTBN_CPU_GROUP_BYTES; 0 turns the path off.
+int64_t channel_group_bytes();
+// Sets it (tests compare the one-read and two-pass paths); returns the previous value.
+int64_t set_channel_group_bytes(int64_t bytes);
+
 }  // namespace fastbn::cpu
