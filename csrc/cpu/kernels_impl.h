@@ -1006,7 +1006,9 @@ void backward_impl(const BackwardArgs& a) {
     const T* __restrict__ pr = HasResidual ? res + off : nullptr;
     T* __restrict__ pdx = dx ? dx + off : nullptr;
     T* __restrict__ pgr = grad_res ? grad_res + off : nullptr;
-    auto element = [&](int64_t i, Acc& xm) {
+    // Always inlined: apply_run is inlined into two planes drivers and the rows one, and past some
+    // size GCC stops inlining this, leaving a call that keeps the loops below from vectorizing.
+    auto element = [&](int64_t i, Acc& xm) __attribute__((always_inline)) {
       Acc rv = Acc(0);
       if constexpr (HasResidual) rv = K::load(pr[i]);
       xm = E::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
