@@ -39,8 +39,8 @@ def simd_loops():
 
 def report(cxx, unit):
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
-        cmd = [cxx, "-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-std=c++17", "-DFASTBN_VECTORIZATION_CHECK", "-c",
-               os.path.join(ROOT, "csrc", "cpu", unit),
+        cmd = [cxx, "-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-std=c++17",
+               "-DFASTBN_VECTORIZATION_CHECK", "-c", os.path.join(ROOT, "csrc", "cpu", unit),
                "-o", os.devnull, f"-fopt-info-vec-all={out.name}"]
         subprocess.run(cmd, check=True)
         return out.read()
