@@ -719,6 +719,21 @@ int elementwise_blocks(int64_t units, const Launch& launch) {
   return int(std::min<int64_t>(blocks_for(units), int64_t(launch.sm_count) * 32));
 }
 
+// y = act((x - mean) * scale + bias [+ residual]) over the whole tensor, from a filled channel
+// table: the elementwise pass of both forwards.
+template <typename T, int N, typename Index>
+void launch_normalize(const Geometry& g, const T* x, const T* residual, T* y,
+                      ChannelTable<typename GradInputs<T>::Acc> table, const Epilogue& epilogue,
+                      const Launch& launch) {
+  const int64_t units = g.outer * g.channels * g.inner / N;
+  with_pack_channels<Index>(g, N, [&](auto map) {
+    normalize_kernel<T, N, Index, decltype(map)::rows><<<elementwise_blocks(units, launch), kThreads, 0,
+                                                         launch.stream>>>(
+        x, residual, y, Index(units), map, table, epilogue.activation, epilogue.param);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 template <int N>
 using PackSize = std::integral_constant<int, N>;
 
@@ -779,13 +794,7 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
     finish_kernel<<<C, finish_threads(splits), 0, launch.stream>>>(partials, splits, C, finish);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!y || numel == 0) return;
-    const int64_t units = numel / N;
-    with_pack_channels<Index>(g, N, [&](auto map) {
-      normalize_kernel<T, N, Index, decltype(map)::rows><<<elementwise_blocks(units, launch), kThreads, 0,
-                                                           launch.stream>>>(
-          x, residual, y, Index(units), map, table, a.epilogue.activation, a.epilogue.param);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_normalize<T, N, Index>(g, x, residual, y, table, a.epilogue, launch);
   });
 }
 
@@ -805,15 +814,9 @@ void eval_forward_impl(const EvalForwardArgs& a, const Launch& launch) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
-    using Index = decltype(index);
-    const int64_t units = numel / N;
-    with_pack_channels<Index>(g, N, [&](auto map) {
-      normalize_kernel<T, N, Index, decltype(map)::rows><<<elementwise_blocks(units, launch), kThreads, 0,
-                                                           launch.stream>>>(
-          static_cast<const T*>(a.input), static_cast<const T*>(a.epilogue.residual), static_cast<T*>(a.output),
-          Index(units), map, table, a.epilogue.activation, a.epilogue.param);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_normalize<T, N, decltype(index)>(g, static_cast<const T*>(a.input),
+                                            static_cast<const T*>(a.epilogue.residual), static_cast<T*>(a.output),
+                                            table, a.epilogue, launch);
   });
 }
 
