@@ -30,6 +30,7 @@ py::dict build_info() {
 #endif
   info["simd"] = fastbn::cpu::active_kernels().simd;
   info["cpu_channel_group_bytes"] = fastbn::cpu::channel_group_bytes();
+  info["cpu_streaming_store_bytes"] = fastbn::cpu::streaming_store_bytes();
   return info;
 }
 
@@ -44,4 +45,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_channel_group_bytes", &fastbn::cpu::set_channel_group_bytes,
         "Cache bytes the CPU planes training passes may fill with a group of channels (0: two passes "
         "over memory instead); returns the previous value.");
+  m.def("set_streaming_store_bytes", &fastbn::cpu::set_streaming_store_bytes,
+        "Outputs of at least this many bytes are written with non-temporal stores by the CPU plain "
+        "BatchNorm passes (negative: never); returns the previous value.");
+  m.def(
+      "streams_output",
+      [](uintptr_t address, int64_t run, int64_t total) {
+        return fastbn::cpu::streams_output(reinterpret_cast<const void*>(address), run, total);
+      },
+      "Whether an output of `total` bytes at `address`, written in runs (planes or rows) of `run` bytes, "
+      "is streamed by the AVX2/AVX-512 kernels.");
 }

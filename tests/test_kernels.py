@@ -156,6 +156,49 @@ def test_one_read_planes_path_gives_the_two_pass_bits(shape, dtype):
         fastbn._C.set_channel_group_bytes(previous)
 
 
+# Plain BatchNorm writes large outputs with non-temporal stores (AVX2 and AVX-512 tables) where
+# every plane or row is whole 64-byte lines. Planes of 256 values and rows of 64 are whole lines in
+# every dtype; 80x64 planes are written in chunks of 4096 values; 7x7 planes never stream.
+STREAM_SHAPES = [((3, 5, 16, 16), "contiguous"), ((2, 3, 80, 64), "contiguous"), ((3, 64, 5, 3), "channels_last"),
+                 ((2, 64, 2, 3, 2), "channels_last"), ((50, 64), "contiguous"), ((4, 6, 128), "contiguous"),
+                 ((3, 5, 7, 7), "contiguous")]
+
+
+@pytest.mark.parametrize("shape, layout", [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
+                                           for s, lay in STREAM_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_streaming_stores_give_the_normal_stores_bits(simd, shape, layout, dtype):
+    g = torch.Generator().manual_seed(17)
+    x = make_input(shape, dtype, layout, g, scale=2.0, shift=3.0)
+    grad = make_input(shape, dtype, layout, g)
+    C = shape[1]
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = (torch.rand(C, generator=g) + 0.5).to(pdt), torch.randn(C, generator=g).to(pdt)
+    run_values = C if layout == "channels_last" or len(shape) == 2 else x[0, 0].numel()
+    run_bytes, total = run_values * x.element_size(), x.numel() * x.element_size()
+    previous = fastbn._C.set_streaming_store_bytes(-1)
+    try:
+        assert not fastbn._C.streams_output(x.data_ptr(), run_bytes, total)
+        normal = _all_ops(x, w, b, grad)
+        fastbn._C.set_streaming_store_bytes(0)
+        # Outputs are fresh tensors, aligned like x (the allocator aligns to 64 bytes).
+        assert fastbn._C.streams_output(x.data_ptr(), run_bytes, total) == (shape != (3, 5, 7, 7))
+        assert not fastbn._C.streams_output(x.data_ptr() + 32, run_bytes, total)
+        fastbn._C.set_streaming_store_bytes(total + 1)
+        assert not fastbn._C.streams_output(x.data_ptr(), run_bytes, total)
+        fastbn._C.set_streaming_store_bytes(0)
+        for budget in (0, fastbn.build_info()["cpu_channel_group_bytes"]):  # two passes, and one read
+            previous_budget = fastbn._C.set_channel_group_bytes(budget)
+            try:
+                for threads in (1, 2, 3):
+                    for a, m in zip(normal, _with_threads(threads, lambda: _all_ops(x, w, b, grad))):
+                        assert torch.equal(a, m), f"{threads} threads, group budget {budget}"
+            finally:
+                fastbn._C.set_channel_group_bytes(previous_budget)
+    finally:
+        fastbn._C.set_streaming_store_bytes(previous)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_conversions_are_exact_for_every_value(simd, layout, dtype):

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -67,7 +69,35 @@ std::atomic<int64_t>& group_bytes() {
   return bytes;
 }
 
+int64_t default_streaming_store_bytes() {
+  if (const char* forced = std::getenv("FASTBN_CPU_STREAM_BYTES")) return std::atoll(forced);
+  // sysfs, as glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can report the whole package's (256 MB on
+  // the EPYC VMs here, whose core complex has 32 MB).
+  int64_t llc = 0;
+  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    char unit = 0;
+    long long size = 0;
+    if (std::fscanf(f, "%lld%c", &size, &unit) >= 1) llc = unit == 'M' ? size << 20 : unit == 'K' ? size << 10 : size;
+    std::fclose(f);
+  }
+  return llc > 0 ? llc / 4 : int64_t(8) << 20;
+}
+
+std::atomic<int64_t>& stream_bytes() {
+  static std::atomic<int64_t> bytes{default_streaming_store_bytes()};
+  return bytes;
+}
+
 }  // namespace
+
+int64_t streaming_store_bytes() { return stream_bytes().load(std::memory_order_relaxed); }
+
+int64_t set_streaming_store_bytes(int64_t bytes) { return stream_bytes().exchange(bytes); }
+
+bool streams_output(const void* out, int64_t run, int64_t total) {
+  const int64_t threshold = streaming_store_bytes();
+  return threshold >= 0 && total >= threshold && run % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+}
 
 int64_t channel_group_bytes() { return group_bytes().load(std::memory_order_relaxed); }
 

@@ -31,4 +31,14 @@ int64_t channel_group_bytes();
 // Sets it (tests compare the one-read and two-pass paths); returns the previous value.
 int64_t set_channel_group_bytes(int64_t bytes);
 
+// Outputs of at least this many bytes are written with non-temporal (streaming) stores by the
+// plain BatchNorm passes of the AVX2 and AVX-512 tables. Default: a quarter of the last-level cache
+// (sysfs; 8 MB where unknown), or FASTBN_CPU_STREAM_BYTES; a negative value turns them off.
+int64_t streaming_store_bytes();
+// Sets it (tests compare both kinds of store); returns the previous value.
+int64_t set_streaming_store_bytes(int64_t bytes);
+// Whether an output of `total` bytes at `out`, written in runs of `run` bytes (a plane or a row),
+// is streamed: at least streaming_store_bytes(), and every run whole 64-byte lines.
+bool streams_output(const void* out, int64_t run, int64_t total);
+
 }  // namespace fastbn::cpu
