@@ -50,9 +50,9 @@ PYBIND11_MODULE(_C, m) {
         "BatchNorm passes (negative: never); returns the previous value.");
   m.def(
       "streams_output",
-      [](uintptr_t address, int64_t run, int64_t total) {
-        return fastbn::cpu::streams_output(reinterpret_cast<const void*>(address), run, total);
+      [](uintptr_t address, int64_t total) {
+        return fastbn::cpu::streams_output(reinterpret_cast<const void*>(address), total);
       },
-      "Whether an output of `total` bytes at `address`, written in runs (planes or rows) of `run` bytes, "
-      "is streamed by the AVX2/AVX-512 kernels.");
+      "Whether an output of `total` bytes at `address` may be streamed by the AVX2/AVX-512 kernels (16-bit "
+      "outputs also need planes or rows of whole 64-byte lines).");
 }

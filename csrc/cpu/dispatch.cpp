@@ -94,9 +94,9 @@ int64_t streaming_store_bytes() { return stream_bytes().load(std::memory_order_r
 
 int64_t set_streaming_store_bytes(int64_t bytes) { return stream_bytes().exchange(bytes); }
 
-bool streams_output(const void* out, int64_t run, int64_t total) {
+bool streams_output(const void* out, int64_t total) {
   const int64_t threshold = streaming_store_bytes();
-  return threshold >= 0 && total >= threshold && run % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  return threshold >= 0 && total >= threshold && reinterpret_cast<uintptr_t>(out) % 64 == 0;
 }
 
 int64_t channel_group_bytes() { return group_bytes().load(std::memory_order_relaxed); }

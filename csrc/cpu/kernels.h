@@ -37,8 +37,8 @@ int64_t set_channel_group_bytes(int64_t bytes);
 int64_t streaming_store_bytes();
 // Sets it (tests compare both kinds of store); returns the previous value.
 int64_t set_streaming_store_bytes(int64_t bytes);
-// Whether an output of `total` bytes at `out`, written in runs of `run` bytes (a plane or a row),
-// is streamed: at least streaming_store_bytes(), and every run whole 64-byte lines.
-bool streams_output(const void* out, int64_t run, int64_t total);
+// Whether an output of `total` bytes at `out` may be streamed: at least streaming_store_bytes(),
+// 64-byte aligned (the kernels add a condition for 16-bit values).
+bool streams_output(const void* out, int64_t total);
 
 }  // namespace fastbn::cpu

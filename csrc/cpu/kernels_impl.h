@@ -321,38 +321,111 @@ int64_t grad_input_in_registers(const uint16_t* __restrict__ dy, const uint16_t*
   return i;
 }
 
-// The same two passes on float32 and float64 values with non-temporal stores, over the whole
-// vectors of [0, n) (returns how many values; 0 in the baseline table, which has no F16C). The arithmetic is the
-// plain loops' (no FMA: the build contracts nothing), so either form gives the same bits.
+#ifdef FASTBN_HAS_F16C
+// The partial 64-byte lines at the ends of streamed runs: a run's values for such a line wait here
+// until the next run continues the line; a line filled this way is streamed, any other is written
+// with normal stores (flush, also at the end of a thread's work: finish_streamed_stores). Planes
+// that are not whole lines (14x14, 7x7) thus stream every line but those at a thread's or a
+// channel group's ends.
+struct PendingLine {
+  char* line = nullptr;    // the line's address, or nullptr when none is pending
+  int begin = 0, end = 0;  // the line's bytes [begin, end) are in buf
+  alignas(64) char buf[64];
+
+  void flush() {
+    if (line) std::memcpy(line + begin, buf + begin, end - begin);
+    line = nullptr;
+  }
+  // The n bytes at `to` (within one line) are `bytes`.
+  void append(void* to, const void* bytes, int64_t n) {
+    char* p = static_cast<char*>(to);
+    char* l = p - reinterpret_cast<uintptr_t>(p) % 64;
+    const int off = int(p - l);
+    if (l != line || off != end) {
+      flush();
+      line = l, begin = end = off;
+    }
+    std::memcpy(buf + off, bytes, n);
+    end = off + int(n);
+    if (begin == 0 && end == 64) {
+      for (int half = 0; half < 64; half += 32)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(l + half),
+                            _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + half)));
+      line = nullptr;
+    }
+  }
+};
+
+inline PendingLine& pending_line() {
+  thread_local PendingLine pending;
+  return pending;
+}
+
+// y[i] for i in [0, n) with non-temporal stores: whole lines from registers (vector(i): values
+// i to i + 32 bytes), the partial lines at either end from scalar(i) through the pending line.
+template <typename T, typename Vector, typename Scalar>
+void stream_run(T* __restrict__ y, int64_t n, Vector vector, Scalar scalar) {
+  constexpr int64_t kWidth = 32 / sizeof(T), kLine = 64 / sizeof(T);
+  auto through_pending_line = [&](int64_t i0, int64_t i1) {
+    T values[kLine];
+    for (int64_t i = i0; i < i1; ++i) values[i - i0] = scalar(i);
+    if (i1 > i0) pending_line().append(y + i0, values, (i1 - i0) * sizeof(T));
+  };
+  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(y) % 64) % 64 / sizeof(T));
+  through_pending_line(0, head);
+  int64_t i = head;
+  for (; i + kLine <= n; i += kLine) {
+    stream32(y + i, vector(i));
+    stream32(y + i + kWidth, vector(i + kWidth));
+  }
+  through_pending_line(i, n);
+}
+#endif
+
+// Plain BatchNorm's two elementwise passes on float32 and float64 values with non-temporal stores
+// over [0, n); returns how many values it wrote (n, or 0 in the baseline table, which does not
+// stream). The arithmetic is the plain loops' (no FMA: the build contracts nothing), in vectors
+// and in the scalar ends alike, so both kinds of store give the same bits.
 template <typename T, bool PerValue>
 int64_t affine_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n, const T* mean, const T* scale,
                         const T* bias) {
-  int64_t i = 0;
 #ifdef FASTBN_HAS_F16C
-  constexpr int64_t W = 32 / sizeof(T);
-  for (; i + W <= n; i += W) {
-    if constexpr (PerValue) stream32(y + i, (load32(x + i) - load32(mean + i)) * load32(scale + i) + load32(bias + i));
-    else stream32(y + i, (load32(x + i) - *mean) * *scale + *bias);
-  }
+  stream_run(
+      y, n,
+      [&](int64_t i) {
+        if constexpr (PerValue) return (load32(x + i) - load32(mean + i)) * load32(scale + i) + load32(bias + i);
+        else return (load32(x + i) - *mean) * *scale + *bias;
+      },
+      [&](int64_t i) {
+        const int64_t p = PerValue ? i : 0;
+        return (x[i] - mean[p]) * scale[p] + bias[p];
+      });
+  return n;
+#else
+  return 0;
 #endif
-  return i;
 }
 
 template <typename T, bool PerValue>
 int64_t grad_input_streamed(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t n,
                             const T* mean, const T* dy_scale, const T* xmu_scale, const T* shift) {
-  int64_t i = 0;
 #ifdef FASTBN_HAS_F16C
-  constexpr int64_t W = 32 / sizeof(T);
-  for (; i + W <= n; i += W) {
-    if constexpr (PerValue)
-      stream32(dx + i, load32(dy + i) * load32(dy_scale + i) +
-                           (load32(x + i) - load32(mean + i)) * load32(xmu_scale + i) + load32(shift + i));
-    else
-      stream32(dx + i, load32(dy + i) * *dy_scale + (load32(x + i) - *mean) * *xmu_scale + *shift);
-  }
+  stream_run(
+      dx, n,
+      [&](int64_t i) {
+        if constexpr (PerValue)
+          return load32(dy + i) * load32(dy_scale + i) + (load32(x + i) - load32(mean + i)) * load32(xmu_scale + i) +
+                 load32(shift + i);
+        else return load32(dy + i) * *dy_scale + (load32(x + i) - *mean) * *xmu_scale + *shift;
+      },
+      [&](int64_t i) {
+        const int64_t p = PerValue ? i : 0;
+        return dy[i] * dy_scale[p] + (x[i] - mean[p]) * xmu_scale[p] + shift[p];
+      });
+  return n;
+#else
+  return 0;
 #endif
-  return i;
 }
 
 // y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
@@ -386,23 +459,34 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Whether a plain elementwise pass writes its output (a tensor of geometry g) with non-temporal
 // stores. A normal store first reads the line it writes (for ownership), so a pass that reads one
 // tensor and writes another moves three tensors' bytes where streaming moves two: on this VM a
-// 12.8 MB copy takes 0.85 ms instead of 1.0. Only where every run (a plane or a row) is whole
-// 64-byte lines: with runs that share lines (14x14 and 7x7 float32 planes) the partial lines'
-// normal stores among streamed ones made the passes 15-20% slower. Streamed lines leave the cache,
-// so outputs the next layer could read from it are written normally: below streaming_store_bytes
-// (a quarter of L3; for 6.4 MB outputs a following ReLU lost what BatchNorm gained, at 12.8 MB and
-// up the pair was 5-10% faster). Needs AVX2 (the streaming loops are written in registers).
+// 12.8 MB copy takes 0.85 ms instead of 1.0. Lines shared by two runs (planes or rows) are
+// completed through the pending line (float32, float64, runs of 512 bytes and up: 14x14 float32
+// passes 3-20% faster, 7x7 ones, a third of whose values go through it, 20-45% slower), or, for
+// 16-bit values, whose vectors of 16 must start where the normal path's do, the output streams
+// only where every run is whole lines: runs ending in normal stores among streamed ones made the
+// passes 15-20% slower. Streamed
+// lines leave the cache, so outputs the next layer could read from it are written normally: below
+// streaming_store_bytes (a quarter of L3; for 6.4 MB outputs a following ReLU lost what BatchNorm
+// gained, at 12.8 MB and up the pair was 5-10% faster). Needs AVX2 (the streaming loops are
+// written in registers).
 bool streams_output(const void* out, const Geometry& g, int64_t value_bytes) {
 #ifdef FASTBN_HAS_F16C
-  return fastbn::cpu::streams_output(out, (g.inner > 1 ? g.inner : g.channels) * value_bytes,
-                                     g.outer * g.channels * g.inner * value_bytes);
+  const int64_t run = (g.inner > 1 ? g.inner : g.channels) * value_bytes;
+  return (run % 64 == 0 || (value_bytes > 2 && run >= 512)) &&
+         fastbn::cpu::streams_output(out, g.outer * g.channels * g.inner * value_bytes);
 #else
   return false;
 #endif
 }
 
-// Streamed stores are weakly ordered: each thread fences them before its work is handed on.
-inline void fence_streamed_stores() { _mm_sfence(); }
+// Streamed stores are weakly ordered: each thread writes its pending line and fences its stores
+// before its work is handed on.
+inline void finish_streamed_stores() {
+#ifdef FASTBN_HAS_F16C
+  pending_line().flush();
+#endif
+  _mm_sfence();
+}
 
 // Two sums accumulated in four vector registers each (four independent add chains), added up
 // once at the end in a fixed order. Blocks are made of many short runs (one plane each, often 49
@@ -567,7 +651,7 @@ void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn) {
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < planes * chunks; ++i) fn(i / chunks % C, plane_chunk(i / chunks / C, i % chunks, S));
-    fence_streamed_stores();
+    finish_streamed_stores();
   }
 }
 
@@ -609,7 +693,7 @@ void reduce_apply_channel_groups(const PlaneBlocks& pb, int64_t group, int num_t
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t k = 0; k < chunks; ++k) apply(c, plane_chunk(n, k, pb.S));
     }
-    fence_streamed_stores();
+    finish_streamed_stores();
   }
 }
 
@@ -680,7 +764,7 @@ void for_rows(const RowBlocks& rb, int num_threads, bool has_reduce, bool has_ap
   {
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < nb; ++b) apply(b);
-    fence_streamed_stores();
+    finish_streamed_stores();
   }
 }
 
@@ -833,7 +917,7 @@ void normalize(const typename Traits<D>::storage* x, typename Traits<D>::storage
       for (int64_t b = 0; b < rb.count; ++b)
         normalize_row_block<D, A>(x, residual, y, rb, b, affine.mean.data(), affine.scale.data(), affine.bias.data(),
                                   param, stream);
-      fence_streamed_stores();
+      finish_streamed_stores();
     }
   });
 }
