@@ -459,16 +459,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Whether a plain elementwise pass writes its output (a tensor of geometry g) with non-temporal
 // stores. A normal store first reads the line it writes (for ownership), so a pass that reads one
 // tensor and writes another moves three tensors' bytes where streaming moves two: on this VM a
-// 12.8 MB copy takes 0.85 ms instead of 1.0. Lines shared by two runs (planes or rows) are
-// completed through the pending line (float32, float64, runs of 512 bytes and up: 14x14 float32
-// passes 3-20% faster, 7x7 ones, a third of whose values go through it, 20-45% slower), or, for
-// 16-bit values, whose vectors of 16 must start where the normal path's do, the output streams
-// only where every run is whole lines: runs ending in normal stores among streamed ones made the
-// passes 15-20% slower. Streamed
-// lines leave the cache, so outputs the next layer could read from it are written normally: below
-// streaming_store_bytes (a quarter of L3; for 6.4 MB outputs a following ReLU lost what BatchNorm
-// gained, at 12.8 MB and up the pair was 5-10% faster). Needs AVX2 (the streaming loops are
-// written in registers).
+// 12.8 MB copy takes 0.85 ms instead of 1.0.
+// - Runs (planes or rows) of whole 64-byte lines stream in every dtype.
+// - float32 and float64 runs of 512 bytes and up that share lines complete them through the
+//   pending line (14x14 float32 passes 3-20% faster; 7x7 ones, a third of whose values would go
+//   through it, 20-45% slower). 16-bit vectors of 16 must start where the normal path's do (the
+//   same bits either way), so 16-bit runs stream only when whole lines: runs ending in normal
+//   stores among streamed ones made the passes 15-20% slower.
+// - Streamed lines leave the cache, so outputs the next layer could read from it are written
+//   normally: below streaming_store_bytes (a quarter of L3; for 6.4 MB outputs a following ReLU
+//   lost what BatchNorm gained, at 12.8 MB and up the pair was 5-10% faster).
+// Needs AVX2 (the streaming loops are written in registers).
 bool streams_output(const void* out, const Geometry& g, int64_t value_bytes) {
 #ifdef FASTBN_HAS_F16C
   const int64_t run = (g.inner > 1 ? g.inner : g.channels) * value_bytes;
