@@ -10,8 +10,9 @@
 // Numerics: blocks are small enough to stay in L1/L2, so each block takes its mean first and then
 // sum((x - mean)^2) in a second pass over cached data (exact two-pass variance), except float32
 // planes, whose blocks take exact double sums about one of their values in a single pass (see
-// kExactShiftedSums); blocks are merged in double with Chan's formula. Sums accumulate in double
-// for float32 and float64 input, in float for float16/bfloat16.
+// kExactShiftedSums); blocks are merged in double with Chan's formula. The statistics accumulate in
+// double for float32 and float64 input, in float for float16/bfloat16; the backward's sums within a
+// block in the elementwise type (float for float32 too: no cancellation there), merged in double.
 #ifndef FASTBN_ISA
 #error "define FASTBN_ISA (the namespace of this instruction set) before including kernels_impl.h"
 #endif
