@@ -51,8 +51,8 @@ namespace {
 template <Dtype D>
 struct Traits;
 // storage: how values are stored; acc: per-channel parameters, elementwise maths and the sums
-// within a rows block; reduce: the sums within a planes block (double for float32, which measured
-// no slower there, keeps sums of thousands of values as accurate as torch's float32 path).
+// within a rows block and a backward planes block; reduce: the statistics' sums within a planes
+// block (double for float32: exact shifted sums, and no slower there).
 template <>
 struct Traits<Dtype::Float32> {
   using storage = float;
