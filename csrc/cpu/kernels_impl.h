@@ -1253,6 +1253,24 @@ void backward_impl(const BackwardArgs& a) {
     }
   };
 
+  // Plain BatchNorm's dx over [off, off + n) in registers where it can: half values converted there,
+  // float32/float64 when streamed. Returns how many values it wrote (apply_run does the rest). The
+  // parameters are channel p's (PerValue false) or one per value from channel p on (rows).
+  auto plain_grad_input = [&](auto per_value, int64_t off, int64_t n, int64_t p) -> int64_t {
+    constexpr bool PerValue = decltype(per_value)::value;
+    if constexpr (kPlain) {
+      if (!dx) return 0;
+      const Acc *mean = &affine.mean[p], *dy_scale = &coef.dy_scale[p], *xmu_scale = &coef.xmu_scale[p],
+                *shift = &coef.shift[p];
+      if constexpr (kStaged<D>)
+        return grad_input_in_registers<D, PerValue>(dy + off, saved + off, dx + off, n, mean, dy_scale, xmu_scale,
+                                                    shift, stream);
+      else if (stream)
+        return grad_input_streamed<T, PerValue>(dy + off, saved + off, dx + off, n, mean, dy_scale, xmu_scale, shift);
+    }
+    return 0;
+  };
+
   if (g.inner > 1) {
     const PlaneBlocks pb = plane_blocks(g, kBackwardMinBlockElems);
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
@@ -1298,15 +1316,7 @@ void backward_impl(const BackwardArgs& a) {
     auto merge = [](const Sums& l, const Sums& r) { return Sums{l.dy + r.dy, l.dy_xmu + r.dy_xmu}; };
     auto apply = [&](int64_t c, const BlockRange& r) {
       const int64_t off = (r.n0 * C + c) * pb.S + r.s0, len = r.s1 - r.s0;
-      int64_t done = 0;
-      if constexpr (kPlainHalf)
-        if (dx)
-          done = grad_input_in_registers<D, false>(dy + off, saved + off, dx + off, len, &affine.mean[c],
-                                                   &coef.dy_scale[c], &coef.xmu_scale[c], &coef.shift[c], stream);
-      if constexpr (kPlain && !kStaged<D>)
-        if (dx && stream)
-          done = grad_input_streamed<T, false>(dy + off, saved + off, dx + off, len, &affine.mean[c],
-                                               &coef.dy_scale[c], &coef.xmu_scale[c], &coef.shift[c]);
+      const int64_t done = plain_grad_input(std::false_type{}, off, len, c);
       apply_run(off + done, len - done, [c](const std::vector<Acc>& v, int64_t) { return v[c]; });
     };
     // Read by both passes: grad_output, the saved tensor, the residual, the stored gradient.
@@ -1362,16 +1372,7 @@ void backward_impl(const BackwardArgs& a) {
   };
   auto apply = [&](int64_t b) {
     for (int64_t m = rb.begin(b); m < rb.end(b); ++m) {
-      int64_t done = 0;
-      if constexpr (kPlainHalf)
-        if (dx)
-          done = grad_input_in_registers<D, true>(dy + m * C, saved + m * C, dx + m * C, C, affine.mean.data(),
-                                                  coef.dy_scale.data(), coef.xmu_scale.data(), coef.shift.data(),
-                                                  stream);
-      if constexpr (kPlain && !kStaged<D>)
-        if (dx && stream)
-          done = grad_input_streamed<T, true>(dy + m * C, saved + m * C, dx + m * C, C, affine.mean.data(),
-                                              coef.dy_scale.data(), coef.xmu_scale.data(), coef.shift.data());
+      const int64_t done = plain_grad_input(std::true_type{}, m * C, C, 0);
       apply_run(m * C + done, C - done, [done](const std::vector<Acc>& v, int64_t c) { return v[c + done]; });
     }
   };
