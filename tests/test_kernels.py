@@ -157,15 +157,16 @@ def test_one_read_planes_path_gives_the_two_pass_bits(shape, dtype):
 
 
 # Plain BatchNorm writes large outputs with non-temporal stores (AVX2 and AVX-512 tables): whole
-# 64-byte lines from registers, and lines shared by two planes or rows of 512 bytes and up once both
-# have filled them (float32, float64); 16-bit outputs only where every plane or row is whole lines.
-# Planes of 256 values and rows of 64 are whole lines in every dtype; 80x64 planes are written in
-# chunks of 4096 values; 14x14 planes, rows of 136 and 3D rows of 200 values share lines; 7x7
-# planes do not stream.
+# 64-byte lines from registers; float32 and float64 planes of 64 bytes and up as stretches of
+# consecutive planes, whose lines may hold the end of one plane and the start of the next; lines
+# shared by two rows of 512 bytes and up once both have filled them (float32, float64); 16-bit
+# outputs only where every plane or row is whole lines. Planes of 256 values and rows of 64 are
+# whole lines in every dtype; 80x64 planes are written in chunks of 4096 values; 14x14, 7x7 and 3x6
+# planes, rows of 136 and 3D rows of 200 values share lines.
 STREAM_SHAPES = [((3, 5, 16, 16), "contiguous"), ((2, 3, 80, 64), "contiguous"), ((3, 64, 5, 3), "channels_last"),
                  ((2, 64, 2, 3, 2), "channels_last"), ((50, 64), "contiguous"), ((4, 6, 200), "contiguous"),
                  ((3, 5, 14, 14), "contiguous"), ((3, 136, 5, 3), "channels_last"), ((20, 136), "contiguous"),
-                 ((3, 5, 7, 7), "contiguous")]
+                 ((3, 5, 7, 7), "contiguous"), ((4, 7, 3, 6), "contiguous")]
 
 
 @pytest.mark.parametrize("shape, layout", [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")

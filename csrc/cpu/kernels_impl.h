@@ -171,10 +171,14 @@ struct Vec32Of;
 template <>
 struct Vec32Of<float> {
   typedef float type __attribute__((vector_size(32)));
+  typedef int32_t lane_index;
+  typedef int32_t lanes __attribute__((vector_size(32)));
 };
 template <>
 struct Vec32Of<double> {
   typedef double type __attribute__((vector_size(32)));
+  typedef int64_t lane_index;
+  typedef int64_t lanes __attribute__((vector_size(32)));
 };
 template <typename T>
 using Vec32 = typename Vec32Of<T>::type;
@@ -325,9 +329,8 @@ int64_t grad_input_in_registers(const uint16_t* __restrict__ dy, const uint16_t*
 #ifdef FASTBN_HAS_F16C
 // The partial 64-byte lines at the ends of streamed runs: a run's values for such a line wait here
 // until the next run continues the line; a line filled this way is streamed, any other is written
-// with normal stores (flush, also at the end of a thread's work: finish_streamed_stores). Planes
-// that are not whole lines (14x14, 7x7) thus stream every line but those at a thread's or a
-// channel group's ends.
+// with normal stores (flush, also at the end of a thread's work: finish_streamed_stores). Rows
+// that are not whole lines thus stream every line but those at a thread's or a block's ends.
 struct PendingLine {
   char* line = nullptr;    // the line's address, or nullptr when none is pending
   int begin = 0, end = 0;  // the line's bytes [begin, end) are in buf
@@ -381,12 +384,69 @@ void stream_run(T* __restrict__ y, int64_t n, Vector vector, Scalar scalar) {
   }
   through_pending_line(i, n);
 }
+
+// y[i] for i in [0, n) with non-temporal stores, over whole planes that lie back to back (S >= 64
+// bytes each, the first of channel c0, channels cycling through C): one streamed run instead of
+// one per plane, so only its two ends go through the pending line (a 14x14 plane is 12.25 lines;
+// plane by plane, its partial lines made the passes 7-18% slower). Each value takes its channel's P
+// parameters (params[k][c]); the vectors of a line that straddles two planes take each lane's
+// own, so every value gets the same operations as in the per-plane loops. vector(i, Vec32<T>
+// (&p)[P]) computes values i to i + 32 bytes, scalar(i, T (&p)[P]) value i.
+template <typename T, int P, typename Vector, typename Scalar>
+void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t C, const T* const (&params)[P],
+                   Vector vector, Scalar scalar) {
+  using V = Vec32<T>;
+  using Lanes = typename Vec32Of<T>::lanes;
+  using LaneIndex = typename Vec32Of<T>::lane_index;
+  constexpr int64_t kWidth = 32 / sizeof(T), kLine = 64 / sizeof(T);
+  auto broadcast = [&](V(&v)[P], int64_t channel) {
+    for (int k = 0; k < P; ++k) v[k] = V{} + params[k][channel];
+  };
+  auto through_pending_line = [&](int64_t i0, int64_t i1) {
+    T values[kLine];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t channel = (c0 + i / S) % C;
+      T p[P];
+      for (int k = 0; k < P; ++k) p[k] = params[k][channel];
+      values[i - i0] = scalar(i, p);
+    }
+    if (i1 > i0) pending_line().append(y + i0, values, (i1 - i0) * sizeof(T));
+  };
+  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(y) % 64) % 64 / sizeof(T));
+  const int64_t lines_end = head + (n - head) / kLine * kLine;
+  through_pending_line(0, head);
+  int64_t i = head, c = (c0 + i / S) % C, next = (i / S + 1) * S;  // next: where the next plane starts
+  while (i < lines_end) {
+    V p[P];
+    broadcast(p, c);
+    for (const int64_t end = std::min(lines_end, i + (next - i) / kLine * kLine); i < end; i += kLine) {
+      stream32(y + i, vector(i, p));
+      stream32(y + i + kWidth, vector(i + kWidth, p));
+    }
+    if (i < lines_end && i < next) {  // the line [i, i + kLine) holds the plane's end and the next one's start
+      V q[P], mixed[P];
+      broadcast(q, c + 1 == C ? 0 : c + 1);
+      Lanes lane{};
+      for (int64_t l = 0; l < kWidth; ++l) lane[l] = LaneIndex(l);
+      for (int64_t j = i; j < i + kLine; j += kWidth) {
+        const Lanes first = lane < Lanes{} + LaneIndex(next - j);  // the lanes still in channel c
+        for (int k = 0; k < P; ++k) mixed[k] = first ? p[k] : q[k];
+        stream32(y + j, vector(j, mixed));
+      }
+      i += kLine;
+    }
+    c = c + 1 == C ? 0 : c + 1;
+    next += S;
+  }
+  through_pending_line(lines_end, n);
+}
 #endif
 
 // Plain BatchNorm's two elementwise passes on float32 and float64 values with non-temporal stores
-// over [0, n); returns how many values it wrote (n, or 0 in the baseline table, which does not
-// stream). The arithmetic is the plain loops' (no FMA: the build contracts nothing), in vectors
-// and in the scalar ends alike, so both kinds of store give the same bits.
+// over one run [0, n) (a row, or a chunk of a plane longer than a block); returns how many values
+// it wrote (n, or 0 in the baseline table, which does not stream). The arithmetic is the plain
+// loops' (no FMA: the build contracts nothing), in vectors and in the scalar ends alike, so both
+// kinds of store give the same bits.
 template <typename T, bool PerValue>
 int64_t affine_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n, const T* mean, const T* scale,
                         const T* bias) {
@@ -429,6 +489,41 @@ int64_t grad_input_streamed(const T* __restrict__ dy, const T* __restrict__ x, T
 #endif
 }
 
+// The same two passes over whole planes back to back (see stream_planes): n values, the first
+// at the start of a plane of channel c0, the parameters per channel. Returns n, or 0 in the
+// baseline table.
+template <typename T>
+int64_t affine_planes_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t c0, int64_t S,
+                               int64_t C, const T* mean, const T* scale, const T* bias) {
+#ifdef FASTBN_HAS_F16C
+  const T* const params[3] = {mean, scale, bias};
+  stream_planes<T, 3>(
+      y, n, c0, S, C, params, [&](int64_t i, const Vec32<T>(&p)[3]) { return (load32(x + i) - p[0]) * p[1] + p[2]; },
+      [&](int64_t i, const T(&p)[3]) { return (x[i] - p[0]) * p[1] + p[2]; });
+  return n;
+#else
+  return 0;
+#endif
+}
+
+template <typename T>
+int64_t grad_input_planes_streamed(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t n,
+                                   int64_t c0, int64_t S, int64_t C, const T* mean, const T* dy_scale,
+                                   const T* xmu_scale, const T* shift) {
+#ifdef FASTBN_HAS_F16C
+  const T* const params[4] = {mean, dy_scale, xmu_scale, shift};
+  stream_planes<T, 4>(
+      dx, n, c0, S, C, params,
+      [&](int64_t i, const Vec32<T>(&p)[4]) {
+        return load32(dy + i) * p[1] + (load32(x + i) - p[0]) * p[2] + p[3];
+      },
+      [&](int64_t i, const T(&p)[4]) { return dy[i] * p[1] + (x[i] - p[0]) * p[2] + p[3]; });
+  return n;
+#else
+  return 0;
+#endif
+}
+
 // y[i] = op(x[i], i [, residual[i]]) over n half values, staged through float buffers; op is
 // called with the residual's value only when there is a residual.
 template <Dtype D, typename Op>
@@ -462,11 +557,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // tensor and writes another moves three tensors' bytes where streaming moves two: on this VM a
 // 12.8 MB copy takes 0.85 ms instead of 1.0.
 // - Runs (planes or rows) of whole 64-byte lines stream in every dtype.
-// - float32 and float64 runs of 512 bytes and up that share lines complete them through the
-//   pending line (14x14 float32 passes 3-20% faster; 7x7 ones, a third of whose values would go
-//   through it, 20-45% slower). 16-bit vectors of 16 must start where the normal path's do (the
-//   same bits either way), so 16-bit runs stream only when whole lines: runs ending in normal
-//   stores among streamed ones made the passes 15-20% slower.
+// - float32 and float64 planes of 64 bytes and up stream as stretches of consecutive planes
+//   (stream_planes; against plane by plane through the pending line, 14x14 passes 7-18% faster;
+//   7x7 ones, which that way were 20-45% slower than normal stores, 10-20% faster than those).
+//   Rows of 512 bytes and up that share lines complete them through the pending line.
+// - 16-bit vectors of 16 must start where the normal path's do (the same bits either way), so
+//   16-bit runs stream only when whole lines: runs ending in normal stores among streamed ones
+//   made the passes 15-20% slower.
 // - Streamed lines leave the cache, so outputs the next layer could read from it are written
 //   normally: below streaming_store_bytes (a quarter of L3; for 6.4 MB outputs a following ReLU
 //   lost what BatchNorm gained, at 12.8 MB and up the pair was 5-10% faster).
@@ -474,7 +571,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 bool streams_output(const void* out, const Geometry& g, int64_t value_bytes) {
 #ifdef FASTBN_HAS_F16C
   const int64_t run = (g.inner > 1 ? g.inner : g.channels) * value_bytes;
-  return (run % 64 == 0 || (value_bytes > 2 && run >= 512)) &&
+  return (run % 64 == 0 || (value_bytes > 2 && run >= (g.inner > 1 ? 64 : 512))) &&
          fastbn::cpu::streams_output(out, g.outer * g.channels * g.inner * value_bytes);
 #else
   return false;
@@ -645,14 +742,25 @@ BlockRange plane_chunk(int64_t n, int64_t chunk, int64_t S) {
   return BlockRange{n, n + 1, chunk * kBlockElems, std::min(S, (chunk + 1) * kBlockElems)};
 }
 
-// Runs fn(c, range) over every plane (long planes in chunks) in memory order.
-template <typename Fn>
-void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn) {
+// Runs fn(c, range) over every plane (long planes in chunks) in memory order. Planes of one chunk
+// are handed out as stretches of consecutive planes (p = n * C + c) to stretch(p0, p1) first,
+// which returns whether it did them.
+template <typename Fn, typename Stretch>
+void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn, Stretch stretch) {
   const int64_t S = g.inner, C = g.channels, chunks = ceil_div(S, kBlockElems), planes = g.outer * C;
 #pragma omp parallel num_threads(num_threads)
   {
+    if (chunks == 1) {  // one stretch per thread
 #pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < planes * chunks; ++i) fn(i / chunks % C, plane_chunk(i / chunks / C, i % chunks, S));
+      for (int64_t part = 0; part < num_threads; ++part) {
+        const int64_t p0 = planes * part / num_threads, p1 = planes * (part + 1) / num_threads;
+        if (p1 > p0 && !stretch(p0, p1))
+          for (int64_t p = p0; p < p1; ++p) fn(p % C, plane_chunk(p / C, 0, S));
+      }
+    } else {
+#pragma omp for schedule(static) nowait
+      for (int64_t i = 0; i < planes * chunks; ++i) fn(i / chunks % C, plane_chunk(i / chunks / C, i % chunks, S));
+    }
     finish_streamed_stores();
   }
 }
@@ -677,9 +785,9 @@ int64_t channels_per_group(const Geometry& g, int64_t value_bytes, int64_t tenso
 // for_planes_in_memory_order, so its results are bit-identical to theirs. (Software prefetch of
 // the next group during the elementwise pass measured no faster; pipelining that pass with the
 // next group's reduction, row block by row block, 5-15% slower.)
-template <typename Part, typename Reduce, typename Merge, typename Finish, typename Apply>
+template <typename Part, typename Reduce, typename Merge, typename Finish, typename Apply, typename Stretch>
 void reduce_apply_channel_groups(const PlaneBlocks& pb, int64_t group, int num_threads, Reduce reduce, Merge merge,
-                                 Finish finish, Apply apply) {
+                                 Finish finish, Apply apply, Stretch stretch) {
   const int64_t nb = pb.count(), cbs = pb.col_blocks, chunks = ceil_div(pb.S, kBlockElems);
 #pragma omp parallel num_threads(num_threads)
   {
@@ -691,9 +799,11 @@ void reduce_apply_channel_groups(const PlaneBlocks& pb, int64_t group, int num_t
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t b = rb * cbs; b < (rb + 1) * cbs; ++b) parts[(c - c0) * nb + b] = reduce(c, b);
       for (int64_t c = c0; c < c1; ++c) finish(c, merge_blocks(parts.data() + (c - c0) * nb, nb, merge));
-      for (int64_t n = 0; n < pb.N; ++n)
+      for (int64_t n = 0; n < pb.N; ++n) {
+        if (chunks == 1 && stretch(n * pb.C + c0, n * pb.C + c1)) continue;
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t k = 0; k < chunks; ++k) apply(c, plane_chunk(n, k, pb.S));
+      }
     }
     finish_streamed_stores();
   }
@@ -895,6 +1005,21 @@ struct AffineTable {
   }
 };
 
+// Plain float32/float64 BatchNorm (A identity, no residual) over the consecutive planes [p0, p1)
+// streamed as one run (stream_planes) when `stream`; returns whether it wrote them.
+template <Dtype D, Activation A, typename Acc>
+bool normalize_planes_streamed(const typename Traits<D>::storage* x, const void* residual,
+                               typename Traits<D>::storage* y, const Geometry& g, const AffineTable<Acc>& affine,
+                               bool stream, int64_t p0, int64_t p1) {
+  if constexpr (kStaged<D> || A != Activation::Identity) return false;
+  else {
+    const int64_t S = g.inner, C = g.channels;
+    if (!stream || residual || S * int64_t(sizeof(Acc)) < 64) return false;
+    return affine_planes_streamed<Acc>(x + p0 * S, y + p0 * S, (p1 - p0) * S, p0 % C, S, C, affine.mean.data(),
+                                       affine.scale.data(), affine.bias.data()) > 0;
+  }
+}
+
 // The elementwise pass of both forwards, over the whole tensor.
 template <Dtype D, typename Acc>
 void normalize(const typename Traits<D>::storage* x, typename Traits<D>::storage* y, const Geometry& g,
@@ -906,10 +1031,15 @@ void normalize(const typename Traits<D>::storage* x, typename Traits<D>::storage
     constexpr Activation A = decltype(act)::value;
     if (g.inner > 1) {
       const PlaneBlocks pb = plane_blocks(g, kForwardMinBlockElems);
-      for_planes_in_memory_order(g, num_threads, [&](int64_t c, const BlockRange& r) {
-        normalize_plane_block<D, A>(x, residual, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c], param,
-                                    stream);
-      });
+      for_planes_in_memory_order(
+          g, num_threads,
+          [&](int64_t c, const BlockRange& r) {
+            normalize_plane_block<D, A>(x, residual, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c],
+                                        param, stream);
+          },
+          [&](int64_t p0, int64_t p1) {
+            return normalize_planes_streamed<D, A>(x, residual, y, g, affine, stream, p0, p1);
+          });
       return;
     }
     const RowBlocks rb = row_blocks(g);
@@ -1022,11 +1152,16 @@ void train_forward_impl(const TrainForwardArgs& a) {
     if (const int64_t group = y ? channels_per_group(g, sizeof(*x), tensors_read, a.num_threads) : 0) {
       const bool stream = streams_output(y, g, sizeof(*y));
       with_activation(a.epilogue.activation, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
         const Acc param = Acc(a.epilogue.param);
         reduce_apply_channel_groups<Stats>(
-            pb, group, a.num_threads, reduce, merge_moments<double>, finish, [&](int64_t c, const BlockRange& r) {
-              normalize_plane_block<D, decltype(act)::value>(x, residual, y, pb, r, c, affine.mean[c],
-                                                              affine.scale[c], affine.bias[c], param, stream);
+            pb, group, a.num_threads, reduce, merge_moments<double>, finish,
+            [&](int64_t c, const BlockRange& r) {
+              normalize_plane_block<D, A>(x, residual, y, pb, r, c, affine.mean[c], affine.scale[c], affine.bias[c],
+                                          param, stream);
+            },
+            [&](int64_t p0, int64_t p1) {
+              return normalize_planes_streamed<D, A>(x, residual, y, g, affine, stream, p0, p1);
             });
       });
       return;
@@ -1144,7 +1279,7 @@ void backward_impl(const BackwardArgs& a) {
   using E = ElementGrad<D, A, FromOutput>;
   // Plain BatchNorm on half values converts in registers where it can (see grad_input_in_registers).
   constexpr bool kPlain = A == Activation::Identity && !FromOutput && !HasResidual;
-  constexpr bool kPlainHalf = kStaged<D> && kPlain;
+  [[maybe_unused]] constexpr bool kPlainHalf = kStaged<D> && kPlain;  // unused in the baseline table
   const auto* dy = static_cast<const T*>(a.grad_output);
   const auto* saved = static_cast<const T*>(FromOutput ? a.output : a.input);
   const auto* res = static_cast<const T*>(a.epilogue.residual);
@@ -1319,15 +1454,26 @@ void backward_impl(const BackwardArgs& a) {
       const int64_t done = plain_grad_input(std::false_type{}, off, len, c);
       apply_run(off + done, len - done, [c](const std::vector<Acc>& v, int64_t) { return v[c]; });
     };
+    // Plain float32/float64 dx over the consecutive planes [p0, p1), streamed as one run.
+    auto stretch = [&](int64_t p0, int64_t p1) {
+      if constexpr (kPlain && !kStaged<D>) {
+        const int64_t S = pb.S;
+        if (dx && stream && S * int64_t(sizeof(T)) >= 64)
+          return grad_input_planes_streamed<T>(dy + p0 * S, saved + p0 * S, dx + p0 * S, (p1 - p0) * S, p0 % C, S, C,
+                                               affine.mean.data(), coef.dy_scale.data(), coef.xmu_scale.data(),
+                                               coef.shift.data()) > 0;
+      }
+      return false;
+    };
     // Read by both passes: grad_output, the saved tensor, the residual, the stored gradient.
     const int64_t tensors_read = 2 + HasResidual + StoreGrad;
     if (const int64_t group =
             has_reduce && has_apply ? channels_per_group(g, sizeof(T), tensors_read, a.num_threads) : 0) {
-      reduce_apply_channel_groups<Sums>(pb, group, a.num_threads, reduce, merge, finish, apply);
+      reduce_apply_channel_groups<Sums>(pb, group, a.num_threads, reduce, merge, finish, apply, stretch);
       return;
     }
     if (has_reduce) reduce_planes<Sums>(pb, a.num_threads, reduce, merge, finish);
-    if (has_apply) for_planes_in_memory_order(g, a.num_threads, apply);
+    if (has_apply) for_planes_in_memory_order(g, a.num_threads, apply, stretch);
     return;
   }
 
