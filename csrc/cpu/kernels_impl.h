@@ -491,10 +491,12 @@ int64_t grad_input_streamed(const T* __restrict__ dy, const T* __restrict__ x, T
 
 // The same two passes over whole planes back to back (see stream_planes): n values, the first
 // at the start of a plane of channel c0, the parameters per channel. Returns n, or 0 in the
-// baseline table.
+// baseline table. Not inlined (called once per stretch): inlined into the drivers, they made the
+// backward large enough that GCC's inlining limits left other `omp simd` loops scalar.
 template <typename T>
-int64_t affine_planes_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t c0, int64_t S,
-                               int64_t C, const T* mean, const T* scale, const T* bias) {
+__attribute__((noinline)) int64_t affine_planes_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n,
+                                                         int64_t c0, int64_t S, int64_t C, const T* mean,
+                                                         const T* scale, const T* bias) {
 #ifdef FASTBN_HAS_F16C
   const T* const params[3] = {mean, scale, bias};
   stream_planes<T, 3>(
@@ -507,9 +509,10 @@ int64_t affine_planes_streamed(const T* __restrict__ x, T* __restrict__ y, int64
 }
 
 template <typename T>
-int64_t grad_input_planes_streamed(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t n,
-                                   int64_t c0, int64_t S, int64_t C, const T* mean, const T* dy_scale,
-                                   const T* xmu_scale, const T* shift) {
+__attribute__((noinline)) int64_t grad_input_planes_streamed(const T* __restrict__ dy, const T* __restrict__ x,
+                                                             T* __restrict__ dx, int64_t n, int64_t c0, int64_t S,
+                                                             int64_t C, const T* mean, const T* dy_scale,
+                                                             const T* xmu_scale, const T* shift) {
 #ifdef FASTBN_HAS_F16C
   const T* const params[4] = {mean, dy_scale, xmu_scale, shift};
   stream_planes<T, 4>(
@@ -742,24 +745,19 @@ BlockRange plane_chunk(int64_t n, int64_t chunk, int64_t S) {
   return BlockRange{n, n + 1, chunk * kBlockElems, std::min(S, (chunk + 1) * kBlockElems)};
 }
 
-// Runs fn(c, range) over every plane (long planes in chunks) in memory order. Planes of one chunk
-// are handed out as stretches of consecutive planes (p = n * C + c) to stretch(p0, p1) first,
+// Runs fn(c, range) over every plane (long planes in chunks) in memory order, one contiguous share
+// per thread. Planes of one chunk go to stretch(p0, p1) first (the share's planes p = n * C + c),
 // which returns whether it did them.
 template <typename Fn, typename Stretch>
 void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn, Stretch stretch) {
-  const int64_t S = g.inner, C = g.channels, chunks = ceil_div(S, kBlockElems), planes = g.outer * C;
+  const int64_t S = g.inner, C = g.channels, chunks = ceil_div(S, kBlockElems), items = g.outer * C * chunks;
 #pragma omp parallel num_threads(num_threads)
   {
-    if (chunks == 1) {  // one stretch per thread
 #pragma omp for schedule(static) nowait
-      for (int64_t part = 0; part < num_threads; ++part) {
-        const int64_t p0 = planes * part / num_threads, p1 = planes * (part + 1) / num_threads;
-        if (p1 > p0 && !stretch(p0, p1))
-          for (int64_t p = p0; p < p1; ++p) fn(p % C, plane_chunk(p / C, 0, S));
-      }
-    } else {
-#pragma omp for schedule(static) nowait
-      for (int64_t i = 0; i < planes * chunks; ++i) fn(i / chunks % C, plane_chunk(i / chunks / C, i % chunks, S));
+    for (int64_t part = 0; part < num_threads; ++part) {
+      const int64_t i0 = items * part / num_threads, i1 = items * (part + 1) / num_threads;
+      if (i1 == i0 || (chunks == 1 && stretch(i0, i1))) continue;
+      for (int64_t i = i0; i < i1; ++i) fn(i / chunks % C, plane_chunk(i / chunks / C, i % chunks, S));
     }
     finish_streamed_stores();
   }
