@@ -365,24 +365,33 @@ inline PendingLine& pending_line() {
   return pending;
 }
 
+// y[i] = scalar(i) for i in [i0, i1), values within one line, through the pending line.
+template <typename T, typename Scalar>
+void through_pending_line(T* __restrict__ y, int64_t i0, int64_t i1, Scalar scalar) {
+  T values[64 / sizeof(T)];
+  for (int64_t i = i0; i < i1; ++i) values[i - i0] = scalar(i);
+  if (i1 > i0) pending_line().append(y + i0, values, (i1 - i0) * sizeof(T));
+}
+
+// How many of the n values from y come before its first line boundary.
+template <typename T>
+int64_t values_before_line(const T* y, int64_t n) {
+  return std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(y) % 64) % 64 / sizeof(T));
+}
+
 // y[i] for i in [0, n) with non-temporal stores: whole lines from registers (vector(i): values
 // i to i + 32 bytes), the partial lines at either end from scalar(i) through the pending line.
 template <typename T, typename Vector, typename Scalar>
 void stream_run(T* __restrict__ y, int64_t n, Vector vector, Scalar scalar) {
   constexpr int64_t kWidth = 32 / sizeof(T), kLine = 64 / sizeof(T);
-  auto through_pending_line = [&](int64_t i0, int64_t i1) {
-    T values[kLine];
-    for (int64_t i = i0; i < i1; ++i) values[i - i0] = scalar(i);
-    if (i1 > i0) pending_line().append(y + i0, values, (i1 - i0) * sizeof(T));
-  };
-  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(y) % 64) % 64 / sizeof(T));
-  through_pending_line(0, head);
+  const int64_t head = values_before_line(y, n);
+  through_pending_line(y, 0, head, scalar);
   int64_t i = head;
   for (; i + kLine <= n; i += kLine) {
     stream32(y + i, vector(i));
     stream32(y + i + kWidth, vector(i + kWidth));
   }
-  through_pending_line(i, n);
+  through_pending_line(y, i, n, scalar);
 }
 
 // y[i] for i in [0, n) with non-temporal stores, over whole planes that lie back to back (S >= 64
@@ -402,19 +411,15 @@ void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t 
   auto broadcast = [&](V(&v)[P], int64_t channel) {
     for (int k = 0; k < P; ++k) v[k] = V{} + params[k][channel];
   };
-  auto through_pending_line = [&](int64_t i0, int64_t i1) {
-    T values[kLine];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t channel = (c0 + i / S) % C;
-      T p[P];
-      for (int k = 0; k < P; ++k) p[k] = params[k][channel];
-      values[i - i0] = scalar(i, p);
-    }
-    if (i1 > i0) pending_line().append(y + i0, values, (i1 - i0) * sizeof(T));
+  auto scalar_of_channel = [&](int64_t i) {  // the ends: value i with its channel's parameters
+    const int64_t channel = (c0 + i / S) % C;
+    T p[P];
+    for (int k = 0; k < P; ++k) p[k] = params[k][channel];
+    return scalar(i, p);
   };
-  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(y) % 64) % 64 / sizeof(T));
+  const int64_t head = values_before_line(y, n);
   const int64_t lines_end = head + (n - head) / kLine * kLine;
-  through_pending_line(0, head);
+  through_pending_line(y, 0, head, scalar_of_channel);
   int64_t i = head, c = (c0 + i / S) % C, next = (i / S + 1) * S;  // next: where the next plane starts
   while (i < lines_end) {
     V p[P];
@@ -438,7 +443,7 @@ void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t 
     c = c + 1 == C ? 0 : c + 1;
     next += S;
   }
-  through_pending_line(lines_end, n);
+  through_pending_line(y, lines_end, n, scalar_of_channel);
 }
 #endif
 
