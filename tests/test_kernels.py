@@ -13,8 +13,9 @@ from conftest import DTYPE_IDS, DTYPES, assert_close_to_reference, make_input, s
 ops = torch.ops.fastbn
 
 # One case per kernel path: planes split across threads (C small), planes per channel (C large),
-# planes with blocks along the spatial axis, rows (2D and channels_last), many tiny planes.
-PATH_SHAPES = [(64, 2, 24, 24), (8, 64, 7, 7), (2, 3, 80, 80), (300, 40), (3, 5, 2, 3, 4), (256, 7, 3)]
+# planes with blocks along the spatial axis, rows (2D and channels_last; 150 channels: blocks
+# merged in three ranges of channels, the last partial), many tiny planes.
+PATH_SHAPES = [(64, 2, 24, 24), (8, 64, 7, 7), (2, 3, 80, 80), (300, 40), (600, 150), (3, 5, 2, 3, 4), (256, 7, 3)]
 
 
 def _all_ops(x, w, b, grad):
