@@ -494,16 +494,17 @@ void stream_run(T* __restrict__ y, int64_t n, Vector vector, Scalar scalar) {
   through_pending_line(y, i, n, scalar);
 }
 
-// y[i] for i in [0, n) with non-temporal stores, over whole planes that lie back to back (S >= 64
-// bytes each, the first of channel c0, channels cycling through C): one streamed run instead of
-// one per plane, so only its two ends go through the pending line (a 14x14 plane is 12.25 lines;
-// plane by plane, its partial lines made the passes 7-18% slower). Each value takes its channel's P
-// parameters (params[k][c]); the vectors of a line that straddles two planes take each lane's
-// own, so every value gets the same operations as in the per-plane loops. vector(i, Vec32<T>
-// (&p)[P]) computes values i to i + 32 bytes, scalar(i, T (&p)[P]) value i.
-template <typename T, int P, typename Vector, typename Scalar>
-void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t C, const T* const (&params)[P],
-                   Vector vector, Scalar scalar) {
+// y[i] for i in [0, n) over whole planes that lie back to back (S >= 64 bytes each, the first of
+// channel c0, channels cycling through C), as one run instead of one per plane. Streamed (Stream),
+// only the run's two ends go through the pending line (a 14x14 plane is 12.25 lines; plane by
+// plane, its partial lines made the passes 7-18% slower); with normal stores, a 7x7 plane's
+// loop setup and scalar end are saved. Each value takes its channel's P parameters
+// (params[k][c]); the vectors of a line that straddles two planes take each lane's own, so every
+// value gets the same operations as in the per-plane loops. vector(i, Vec32<T> (&p)[P]) computes
+// values i to i + 32 bytes, scalar(i, T (&p)[P]) value i.
+template <bool Stream, typename T, int P, typename Vector, typename Scalar>
+void store_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t C, const T* const (&params)[P],
+                  Vector vector, Scalar scalar) {
   using V = Vec32<T>;
   using Lanes = typename Vec32Of<T>::lanes;
   using LaneIndex = typename Vec32Of<T>::lane_index;
@@ -517,16 +518,24 @@ void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t 
     for (int k = 0; k < P; ++k) p[k] = params[k][channel];
     return scalar(i, p);
   };
-  const int64_t head = values_before_line(y, n);
+  auto store = [y](int64_t i, V v) {
+    if constexpr (Stream) stream32(y + i, v);
+    else std::memcpy(y + i, &v, sizeof v);
+  };
+  auto ends = [&](int64_t i0, int64_t i1) {  // values [i0, i1), within one line
+    if constexpr (Stream) through_pending_line(y, i0, i1, scalar_of_channel);
+    else for (int64_t i = i0; i < i1; ++i) y[i] = scalar_of_channel(i);
+  };
+  const int64_t head = Stream ? values_before_line(y, n) : 0;
   const int64_t lines_end = head + (n - head) / kLine * kLine;
-  through_pending_line(y, 0, head, scalar_of_channel);
+  ends(0, head);
   int64_t i = head, c = (c0 + i / S) % C, next = (i / S + 1) * S;  // next: where the next plane starts
   while (i < lines_end) {
     V p[P];
     broadcast(p, c);
     for (const int64_t end = std::min(lines_end, i + (next - i) / kLine * kLine); i < end; i += kLine) {
-      stream32(y + i, vector(i, p));
-      stream32(y + i + kWidth, vector(i + kWidth, p));
+      store(i, vector(i, p));
+      store(i + kWidth, vector(i + kWidth, p));
     }
     if (i < lines_end && i < next) {  // the line [i, i + kLine) holds the plane's end and the next one's start
       V q[P], mixed[P];
@@ -536,14 +545,14 @@ void stream_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t 
       for (int64_t j = i; j < i + kLine; j += kWidth) {
         const Lanes first = lane < Lanes{} + LaneIndex(next - j);  // the lanes still in channel c
         for (int k = 0; k < P; ++k) mixed[k] = first ? p[k] : q[k];
-        stream32(y + j, vector(j, mixed));
+        store(j, vector(j, mixed));
       }
       i += kLine;
     }
     c = c + 1 == C ? 0 : c + 1;
     next += S;
   }
-  through_pending_line(y, lines_end, n, scalar_of_channel);
+  ends(lines_end, n);
 }
 #endif
 
@@ -594,19 +603,20 @@ int64_t grad_input_streamed(const T* __restrict__ dy, const T* __restrict__ x, T
 #endif
 }
 
-// The same two passes over whole planes back to back (see stream_planes): n values, the first
-// at the start of a plane of channel c0, the parameters per channel. Returns n, or 0 in the
-// baseline table. Not inlined (called once per stretch): inlined into the drivers, they made the
-// backward large enough that GCC's inlining limits left other `omp simd` loops scalar.
+// The same two passes over whole planes back to back (see store_planes), streamed or not: n
+// values, the first at the start of a plane of channel c0, the parameters per channel. Returns n,
+// or 0 in the baseline table. Not inlined (called once per stretch): inlined into the drivers,
+// they made the backward large enough that GCC's inlining limits left other `omp simd` loops scalar.
 template <typename T>
-__attribute__((noinline)) int64_t affine_planes_streamed(const T* __restrict__ x, T* __restrict__ y, int64_t n,
-                                                         int64_t c0, int64_t S, int64_t C, const T* mean,
-                                                         const T* scale, const T* bias) {
+__attribute__((noinline)) int64_t affine_planes(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t c0,
+                                                int64_t S, int64_t C, const T* mean, const T* scale, const T* bias,
+                                                bool stream) {
 #ifdef FASTBN_HAS_F16C
   const T* const params[3] = {mean, scale, bias};
-  stream_planes<T, 3>(
-      y, n, c0, S, C, params, [&](int64_t i, const Vec32<T>(&p)[3]) { return (load32(x + i) - p[0]) * p[1] + p[2]; },
-      [&](int64_t i, const T(&p)[3]) { return (x[i] - p[0]) * p[1] + p[2]; });
+  auto vector = [&](int64_t i, const Vec32<T>(&p)[3]) { return (load32(x + i) - p[0]) * p[1] + p[2]; };
+  auto scalar = [&](int64_t i, const T(&p)[3]) { return (x[i] - p[0]) * p[1] + p[2]; };
+  if (stream) store_planes<true>(y, n, c0, S, C, params, vector, scalar);
+  else store_planes<false>(y, n, c0, S, C, params, vector, scalar);
   return n;
 #else
   return 0;
@@ -614,18 +624,18 @@ __attribute__((noinline)) int64_t affine_planes_streamed(const T* __restrict__ x
 }
 
 template <typename T>
-__attribute__((noinline)) int64_t grad_input_planes_streamed(const T* __restrict__ dy, const T* __restrict__ x,
-                                                             T* __restrict__ dx, int64_t n, int64_t c0, int64_t S,
-                                                             int64_t C, const T* mean, const T* dy_scale,
-                                                             const T* xmu_scale, const T* shift) {
+__attribute__((noinline)) int64_t grad_input_planes(const T* __restrict__ dy, const T* __restrict__ x,
+                                                    T* __restrict__ dx, int64_t n, int64_t c0, int64_t S, int64_t C,
+                                                    const T* mean, const T* dy_scale, const T* xmu_scale,
+                                                    const T* shift, bool stream) {
 #ifdef FASTBN_HAS_F16C
   const T* const params[4] = {mean, dy_scale, xmu_scale, shift};
-  stream_planes<T, 4>(
-      dx, n, c0, S, C, params,
-      [&](int64_t i, const Vec32<T>(&p)[4]) {
-        return load32(dy + i) * p[1] + (load32(x + i) - p[0]) * p[2] + p[3];
-      },
-      [&](int64_t i, const T(&p)[4]) { return dy[i] * p[1] + (x[i] - p[0]) * p[2] + p[3]; });
+  auto vector = [&](int64_t i, const Vec32<T>(&p)[4]) {
+    return load32(dy + i) * p[1] + (load32(x + i) - p[0]) * p[2] + p[3];
+  };
+  auto scalar = [&](int64_t i, const T(&p)[4]) { return dy[i] * p[1] + (x[i] - p[0]) * p[2] + p[3]; };
+  if (stream) store_planes<true>(dx, n, c0, S, C, params, vector, scalar);
+  else store_planes<false>(dx, n, c0, S, C, params, vector, scalar);
   return n;
 #else
   return 0;
@@ -666,7 +676,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // 12.8 MB copy takes 0.85 ms instead of 1.0.
 // - Runs (planes or rows) of whole 64-byte lines stream in every dtype.
 // - float32 and float64 planes of 64 bytes and up stream as stretches of consecutive planes
-//   (stream_planes; against plane by plane through the pending line, 14x14 passes 7-18% faster;
+//   (store_planes; against plane by plane through the pending line, 14x14 passes 7-18% faster;
 //   7x7 ones, which that way were 20-45% slower than normal stores, 10-20% faster than those).
 //   Rows of 512 bytes and up that share lines complete them through the pending line.
 // - 16-bit vectors of 16 must start where the normal path's do (the same bits either way), so
@@ -1220,8 +1230,9 @@ struct AffineTable {
 };
 
 // Plain BatchNorm (A identity, no residual) over the consecutive planes [p0, p1) as one run, where
-// that pays; returns whether it wrote them. float32 and float64 when `stream` (stream_planes); half
-// values when not (16-bit outputs stream only when their planes are whole lines: no plane ends).
+// that pays; returns whether it wrote them. float32 and float64 planes of 64 bytes and up
+// (store_planes); half values of 16 and up when not streamed (16-bit outputs stream only when
+// their planes are whole lines, which leaves no plane ends to save).
 template <Dtype D, Activation A, typename Acc>
 bool normalize_planes_stretch(const typename Traits<D>::storage* x, const void* residual,
                               typename Traits<D>::storage* y, const Geometry& g, const AffineTable<Acc>& affine,
@@ -1233,9 +1244,9 @@ bool normalize_planes_stretch(const typename Traits<D>::storage* x, const void* 
            affine_half_planes<D>(x + p0 * S, y + p0 * S, n, p0 % C, S, C, affine.mean.data(), affine.scale.data(),
                                  affine.bias.data()) > 0;
   } else {
-    return stream && S * int64_t(sizeof(Acc)) >= 64 &&
-           affine_planes_streamed<Acc>(x + p0 * S, y + p0 * S, n, p0 % C, S, C, affine.mean.data(),
-                                       affine.scale.data(), affine.bias.data()) > 0;
+    return S * int64_t(sizeof(Acc)) >= 64 && affine_planes<Acc>(x + p0 * S, y + p0 * S, n, p0 % C, S, C,
+                                                                affine.mean.data(), affine.scale.data(),
+                                                                affine.bias.data(), stream) > 0;
   }
 }
 
@@ -1696,9 +1707,9 @@ void backward_impl(const BackwardArgs& a) {
           if (dx && !stream && S >= 16)
             return grad_input_half_planes<D>(dy + off, saved + off, dx + off, n, p0 % C, S, C, mean, dy_scale,
                                              xmu_scale, shift) > 0;
-        } else if (dx && stream && S * int64_t(sizeof(T)) >= 64) {
-          return grad_input_planes_streamed<T>(dy + off, saved + off, dx + off, n, p0 % C, S, C, mean, dy_scale,
-                                               xmu_scale, shift) > 0;
+        } else if (dx && S * int64_t(sizeof(T)) >= 64) {
+          return grad_input_planes<T>(dy + off, saved + off, dx + off, n, p0 % C, S, C, mean, dy_scale, xmu_scale,
+                                      shift, stream) > 0;
         }
       }
       return false;
