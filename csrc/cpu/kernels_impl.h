@@ -363,9 +363,11 @@ Vec16 lanes_below(int64_t cut) {
 // from the start of a plane of channel c0, planes of S >= 16 values, channels cycling through C.
 // One run of 16-value groups rather than one per plane: a 7x7 plane is three groups and a value,
 // and plane by plane its end and setup cost more than its groups (bfloat16 (16,2048,7,7) eval
-// 2.6x a copy; one run: 1.02-1.07 -> 0.49-0.62 ms). A group that straddles two planes gives each lane its own channel's parameters.
-// group(i, const Vec16 (&p)[P]) does values [i, i + 16), one(i, const float (&p)[P]) value i: the
-// same arithmetic (FMA in both), so no value's bits depend on where its run starts.
+// 2.6x a copy; one run: 1.02-1.07 -> 0.49-0.62 ms). A group that straddles two planes gives each
+// lane its own channel's parameters. group(i, const Vec16 (&p)[P]) does values [i, i + 16),
+// one(i, const float (&p)[P]) value i: the same arithmetic (FMA in both), so no value's bits
+// depend on where its run starts. (store_planes walks float planes the same way, by 64-byte lines
+// of GCC vectors; these groups are lane-ordered Vec16 pairs, mixed by blends.)
 template <Dtype D, int P, typename Group, typename One>
 void half_planes_in_registers(int64_t n, int64_t c0, int64_t S, int64_t C, const float* const (&params)[P],
                               Group group, One one) {
@@ -510,10 +512,10 @@ void stream_run(T* __restrict__ y, int64_t n, Vector vector, Scalar scalar) {
 // channel c0, channels cycling through C), as one run instead of one per plane. Streamed (Stream),
 // only the run's two ends go through the pending line (a 14x14 plane is 12.25 lines; plane by
 // plane, its partial lines made the passes 7-18% slower); with normal stores, each plane's loop
-// setup and scalar end are saved (float32 (16,2048,7,7) eval 0.80-1.04 -> 0.63-0.76 ms). Each value takes its channel's P parameters
-// (params[k][c]); the vectors of a line that straddles two planes take each lane's own, so every
-// value gets the same operations as in the per-plane loops. vector(i, Vec32<T> (&p)[P]) computes
-// values i to i + 32 bytes, scalar(i, T (&p)[P]) value i.
+// setup and scalar end are saved (float32 (16,2048,7,7) eval 0.80-1.04 -> 0.63-0.76 ms). Each
+// value takes its channel's P parameters (params[k][c]); the vectors of a line that straddles two
+// planes take each lane's own, so every value gets the same operations as in the per-plane loops.
+// vector(i, Vec32<T> (&p)[P]) computes values i to i + 32 bytes, scalar(i, T (&p)[P]) value i.
 template <bool Stream, typename T, int P, typename Vector, typename Scalar>
 void store_planes(T* __restrict__ y, int64_t n, int64_t c0, int64_t S, int64_t C, const T* const (&params)[P],
                   Vector vector, Scalar scalar) {
@@ -961,8 +963,8 @@ inline void prefetch_line(uintptr_t at) { asm volatile("prefetcht0 (%0)" : : "r"
 // only a few lines ahead in each 4 KB page, which a trip's four rows share. Pass p of `passes` over
 // rows [m, m + k) of block b (n rows from m0) fetches block b + 1's rows from
 // (p * n + m - m0) / passes to (p * n + m + k - m0) / passes. Measured on channels_last float32
-// (16,256,28x28), (32,256,14x14), (16,64,112x112), 2 threads, cold: 14-24% faster; bfloat16 (the
-// block converted in L2, compute-bound) and the backward's single pass gained nothing.
+// (16,256,28x28), (32,256,14x14), (16,64,112x112), 2 threads, cold: 14-24% faster; bfloat16 (then
+// converted into L2 block by block, compute-bound) and the backward's single pass gained nothing.
 class NextRowsBlock {
  public:
   NextRowsBlock(const RowBlocks& rb, int64_t b, const void* x, int64_t value_bytes)
