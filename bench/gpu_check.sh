@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, for a machine with a CUDA GPU, Python, torch (CUDA build), nvcc and
 # ninja installed, and no internet: build fastbn from this source tree for the local GPU, run the
-# CUDA tests, benchmark against torch (cuDNN where it picks it, and with cuDNN off), torch.compile
-# and the copy floor, and check the targets. About 4-6 minutes on an H100/H200.
+# CUDA tests (each training-pass test twice: default kernels, and with the persistent ones allowed),
+# benchmark against torch (cuDNN where it picks it, and with cuDNN off), torch.compile and the copy
+# floor, with fastbn both ways, and check the targets. About 5-7 minutes on an H100/H200.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
 #   QUICK=1 bash bench/gpu_check.sh ...    skips the torch.compile and per-call overhead stages
@@ -57,8 +58,8 @@ OMP_NUM_THREADS=2 timeout 200 $PY -m pytest tests/test_cuda.py -q $WORKERS --max
   -p no:cacheprovider --junitxml="$OUT_DIR/test_cuda.xml" || fail "CUDA tests"
 
 stage "benchmark: ResNet-50 BatchNorm shapes, fp32/bf16/fp16, NCHW and channels_last"
-timeout 180 $PY -m fastbn.bench --device cuda --preset resnet50 --dtype float32,bfloat16,float16 \
-  --layout nchw,nhwc --impls fastbn,torch,torch_native,floor --reps 15 \
+timeout 240 $PY -m fastbn.bench --device cuda --preset resnet50 --dtype float32,bfloat16,float16 \
+  --layout nchw,nhwc --impls fastbn,fastbn_persistent,torch,torch_native,floor --reps 11 \
   --json "$OUT_DIR/gpu-resnet50.json" --plot "$OUT_DIR/gpu-resnet50.png" || fail "benchmark"
 
 if [[ -z "${QUICK:-}" ]]; then

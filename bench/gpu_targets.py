@@ -69,6 +69,14 @@ def main(argv=None):
     check(f"train fwd vs torch, C < {sm_count} SMs", [v for _, _, v in small_c], 1.5, min)
     check("train fwd+bwd vs torch, median", [v for _, _, v in fwd_bwd], 1.3, statistics.median)
     check("fp16/bf16 channels_last vs torch/cuDNN, all ops", [v for _, _, v in half_cl], 1.0, min)
+    # The persistent kernels (FASTBN_CUDA_PERSISTENT=1), where the run measured them: their speed-up
+    # over the default path, per op, so that the default can follow what the GPU shows.
+    for op in ("train_fwd", "train_fwd_bwd"):
+        gains = [by["fastbn"]["median_ms"] / by["fastbn_persistent"]["median_ms"] for (label, o), by in cases.items()
+                 if o == op and "fastbn" in by and "fastbn_persistent" in by]
+        if gains:
+            rows.append((f"{op}: persistent vs default, median", f"{statistics.median(gains):.2f} ({len(gains)} "
+                         f"cases, {min(gains):.2f}-{max(gains):.2f})", "-", "(information)"))
     width = max(len(r[0]) for r in rows)
     print(f"{'target':<{width}}  {'measured (worst or median)':<36} {'goal':<8} result")
     for name, measured, goal, result in rows:

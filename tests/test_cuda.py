@@ -43,6 +43,17 @@ def poisoned_allocator():
     torch.cuda.synchronize()  # a kernel fault surfaces in its own test
 
 
+@pytest.fixture(params=["two-pass", "persistent"])
+def kernel_path(request, monkeypatch):
+    """Runs a test on the default kernels and again with the persistent ones allowed
+    (FASTBN_CUDA_PERSISTENT=1: they take the training passes of every tensor that fits on chip)."""
+    if request.param == "persistent":
+        monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1")
+    else:
+        monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+    return request.param
+
+
 def _leaf(t):
     return None if t is None else t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
 
@@ -77,7 +88,7 @@ def _like_on_cuda(t):
 @pytest.mark.parametrize("shape, layout", cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_forward_backward_against_float64(shape, layout, dtype, training):
+def test_forward_backward_against_float64(shape, layout, dtype, training, kernel_path):
     g = torch.Generator().manual_seed(stable_seed("cuda", shape, layout, str(dtype), training))
     x = make_input(shape, dtype, layout, g, scale=2.0, shift=0.5)
     grad = make_input(shape, dtype, layout, g)
@@ -122,7 +133,7 @@ MODES = [pytest.param(a, me, id=f"{a}-{'memory-efficient' if me else 'standard'}
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_activation_against_float64(shape, layout, dtype, activation, memory_efficient, with_residual,
-                                          training):
+                                          training, kernel_path):
     g = torch.Generator().manual_seed(stable_seed("cuda-act", shape, layout, str(dtype)))
     x = make_input(shape, dtype, layout, g, scale=2.0, shift=0.5)
     residual = make_input(shape, dtype, layout, g) if with_residual else None
@@ -319,10 +330,10 @@ def test_runs_on_the_current_stream_and_device():
                                            ((4, 6, 5, 5), "channels_last"), ((40, 6), "contiguous")],
                          ids=["nchw-one-block-per-channel", "nchw-split", "nhwc", "rows"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_residual):
+def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_residual, kernel_path):
     """Every subset of (input, weight, bias, residual) grads equals the same grads computed all at
     once, on each of the backward's launch plans: one fused launch where a block holds a channel,
-    reduce / finish / apply where channels are split, and the rows kernels."""
+    reduce / finish / apply where channels are split, the rows kernels, and the persistent kernel."""
     g = torch.Generator().manual_seed(stable_seed("mask", mask, shape, layout))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
@@ -333,3 +344,40 @@ def test_backward_returns_exactly_the_grads_asked_for(mask, shape, layout, with_
     residual = tensor(*shape).contiguous(memory_format=fmt) if with_residual else None
     weight, bias = tensor(shape[1]) + 1.5, tensor(shape[1])
     assert_backward_gives_exactly_the_grads_asked_for(x, dy, weight, bias, residual, mask)
+
+
+def _kernels_run(fn):
+    """The names of the CUDA kernels fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("shape, layout", cases([(64, 32), (7, 3), (4, 16, 8, 8), (3, 8, 5, 5), (2, 8, 4, 8, 8)]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("enabled", [False, True], ids=["default", "FASTBN_CUDA_PERSISTENT=1"])
+def test_persistent_kernels_run_only_when_allowed(shape, layout, dtype, enabled, monkeypatch):
+    """With the switch on, a small training step is one cooperative launch each way (the kernels the
+    other tests check against float64 are then really the persistent ones); without it, none runs."""
+    if enabled:
+        monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1")
+    else:
+        monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+    g = torch.Generator().manual_seed(stable_seed("persistent", shape, layout, str(dtype)))
+    x = _like_on_cuda(make_input(shape, dtype, layout, g)).requires_grad_()
+    weight, bias, _, _ = to("cuda", *_params(shape[1], dtype, g))
+    grad = _like_on_cuda(make_input(shape, dtype, layout, g))
+
+    def step():
+        batch_norm(x, None, None, weight, bias, training=True).backward(grad)
+
+    names = _kernels_run(step)
+    forward = [n for n in names if "persistent_train_forward_kernel" in n]
+    backward = [n for n in names if "persistent_backward_kernel" in n]
+    if enabled:
+        assert len(forward) == 1 and len(backward) == 1, names
+        assert not any("reduce_" in n or "finish_kernel" in n for n in names), names
+    else:
+        assert not forward and not backward, names

@@ -14,15 +14,21 @@
 // blocks write partials, and one thread per channel merges the partials in split order, in double.
 // The decomposition depends on the shape and the device only, so results are deterministic.
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <string_view>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../batch_norm_math.h"
 #include "kernels.h"
@@ -169,18 +175,25 @@ __device__ __forceinline__ GradSums<Acc> shuffle_down(const GradSums<Acc>& s, in
   return {__shfl_down_sync(0xffffffffu, s.g, offset), __shfl_down_sync(0xffffffffu, s.g_xmu, offset)};
 }
 
-// Merges a 1-D block's states in a fixed tree; the result is valid in thread 0.
+// Merges a warp's states in a fixed tree; the result is valid in lane 0.
 template <typename State>
-__device__ State block_merge(State s) {
-  __shared__ State warp_states[kThreads / kWarp];
+__device__ __forceinline__ State warp_merge(State s) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) s = merge(s, shuffle_down(s, offset));
+  return s;
+}
+
+// Merges a 1-D block's states (of at most kMaxThreads threads) in a fixed tree; the result is valid in
+// thread 0. A block that merges again must __syncthreads() first (warp_states is reused).
+template <int kMaxThreads = kThreads, typename State>
+__device__ State block_merge(State s) {
+  __shared__ State warp_states[kMaxThreads / kWarp];
+  s = warp_merge(s);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x / kWarp;
-    s = lane < warps ? warp_states[lane] : State{};
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) s = merge(s, shuffle_down(s, offset));
+    s = warp_merge(lane < warps ? warp_states[lane] : State{});
   }
   return s;
 }
@@ -295,19 +308,20 @@ struct GradSumsOp {
 // c's outer * inner_units packs. Rows: block (group, split) covers rows [split * per_split, ...) of
 // blockDim.x packs of channels; threadIdx.y strides over rows.
 
-// Calls fn(unit) for this thread's units of channel c in [u0, u1), in strides of blockDim.x; a unit
-// is counted over the channel's outer * inner_units packs, fn gets its index in the whole tensor.
+// Calls fn(u - u0, index) for the units u of channel c in [u0, u1) that fall to thread `rank` of a
+// team of `size` threads (the block, or a warp), in strides of size; a unit is counted over the
+// channel's outer * inner_units packs, `index` is its place in the whole tensor.
 template <typename Index, class Fn>
-__device__ __forceinline__ void for_channel_units(int c, int channels, Index inner_units, Index u0, Index u1,
-                                                  Fn&& fn) {
-  Index u = u0 + threadIdx.x;
+__device__ __forceinline__ void for_channel_slots(int c, int channels, Index inner_units, Index u0, Index u1,
+                                                  int rank, int size, Fn&& fn) {
+  Index u = u0 + rank;
   if (u >= u1) return;
   // (plane n, offset j) of unit u, advanced without a division per step.
   Index n = u / inner_units, j = u - n * inner_units;
-  const Index step_n = Index(blockDim.x) / inner_units, step_j = Index(blockDim.x) - step_n * inner_units;
+  const Index step_n = Index(size) / inner_units, step_j = Index(size) - step_n * inner_units;
   const Index plane_stride = Index(channels) * inner_units, channel_offset = Index(c) * inner_units;
-  for (; u < u1; u += blockDim.x) {
-    fn(n * plane_stride + channel_offset + j);
+  for (; u < u1; u += size) {
+    fn(int(u - u0), n * plane_stride + channel_offset + j);
     n += step_n;
     j += step_j;
     if (j >= inner_units) {
@@ -315,6 +329,14 @@ __device__ __forceinline__ void for_channel_units(int c, int channels, Index inn
       ++n;
     }
   }
+}
+
+// for_channel_slots over the block, for fn(index).
+template <typename Index, class Fn>
+__device__ __forceinline__ void for_channel_units(int c, int channels, Index inner_units, Index u0, Index u1,
+                                                  Fn&& fn) {
+  for_channel_slots(c, channels, inner_units, u0, u1, int(threadIdx.x), int(blockDim.x),
+                    [&](int, Index unit) { fn(unit); });
 }
 
 template <class Op, int N, typename Index>
@@ -428,13 +450,18 @@ __device__ __forceinline__ GradSums<double> in_double(const GradSums<Acc>& s) {
 // Merges the partials of the reductions: a block per channel, its threads taking the partials in
 // strides and merging in a fixed tree, in double (a thread per channel walking a thousand partials
 // in a row took 0.3 ms when C is small and the splits many).
-template <typename State, class Finish>
-__global__ void finish_kernel(const State* partials, int splits, int channels, Finish finish) {
-  const int c = blockIdx.x;
+template <int kMaxThreads, typename State, class Finish>
+__device__ __forceinline__ void finish_channel(const State* partials, int splits, int channels, int c,
+                                               const Finish& finish) {
   decltype(in_double(State{})) s{};
   for (int i = threadIdx.x; i < splits; i += blockDim.x) s = merge(s, in_double(partials[int64_t(i) * channels + c]));
-  s = block_merge(s);
+  s = block_merge<kMaxThreads>(s);
   if (threadIdx.x == 0) finish.channel(c, s);
+}
+
+template <typename State, class Finish>
+__global__ void finish_kernel(const State* partials, int splits, int channels, Finish finish) {
+  finish_channel<kThreads>(partials, splits, channels, int(blockIdx.x), finish);
 }
 
 // Eval forward: the affine table from the running statistics.
@@ -506,11 +533,12 @@ __device__ __forceinline__ PackParams<Acc, N> table_values(const ChannelTable<Ac
   return p;
 }
 
-// y = act((x - mean) * scale + bias + residual) over pack u.
+// y = act((x - mean) * scale + bias + residual) over pack u, x read at pack xu (u, or a place in
+// shared memory).
 template <typename T, int N, typename Index, typename Acc>
-__device__ __forceinline__ void normalize_pack(const T* x, const T* residual, T* y, Index u,
+__device__ __forceinline__ void normalize_pack(const T* x, Index xu, const T* residual, T* y, Index u,
                                                const PackParams<Acc, N>& p, Activation activation, Acc param) {
-  const Pack<T, N> xv = load_pack<N>(x, u);
+  const Pack<T, N> xv = load_pack<N>(x, xu);
   Pack<T, N> r, out;
   if (residual) r = load_pack<N>(residual, u);
 #pragma unroll
@@ -523,12 +551,13 @@ __device__ __forceinline__ void normalize_pack(const T* x, const T* residual, T*
 }
 
 // dx = g * dy_scale + (x - mean) * xmu_scale + shift over pack u; the residual's grad is g itself.
+// The inputs are read at pack iu (u, or a place in shared memory).
 template <typename T, int N, typename Index, typename Acc>
-__device__ __forceinline__ void grad_input_pack(const GradInputs<T>& in, T* grad_input, T* grad_residual, Index u,
-                                                const PackParams<Acc, N>& p) {
-  const Pack<T, N> dy = load_pack<N>(in.dy, u), sv = load_pack<N>(in.saved, u);
+__device__ __forceinline__ void grad_input_pack(const GradInputs<T>& in, Index iu, T* grad_input, T* grad_residual,
+                                                Index u, const PackParams<Acc, N>& p) {
+  const Pack<T, N> dy = load_pack<N>(in.dy, iu), sv = load_pack<N>(in.saved, iu);
   Pack<T, N> r, dx, gr;
-  if (in.residual) r = load_pack<N>(in.residual, u);
+  if (in.residual) r = load_pack<N>(in.residual, iu);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     Acc g, xmu;
@@ -546,7 +575,7 @@ __global__ void __launch_bounds__(kThreads)
                      ChannelTable<typename GradInputs<T>::Acc> table, Activation activation, double param) {
   using Acc = typename GradInputs<T>::Acc;
   for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x)
-    normalize_pack<T, N>(x, residual, y, u, table_values<Acc, N>(table, map.first(u), kRows, false), activation,
+    normalize_pack<T, N>(x, u, residual, y, u, table_values<Acc, N>(table, map.first(u), kRows, false), activation,
                          Acc(param));
 }
 
@@ -556,7 +585,7 @@ __global__ void __launch_bounds__(kThreads)
                       ChannelTable<typename GradInputs<T>::Acc> table) {
   using Acc = typename GradInputs<T>::Acc;
   for (Index u = Index(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += Index(gridDim.x) * blockDim.x)
-    grad_input_pack<T, N>(in, grad_input, grad_residual, u, table_values<Acc, N>(table, map.first(u), kRows, true));
+    grad_input_pack<T, N>(in, u, grad_input, grad_residual, u, table_values<Acc, N>(table, map.first(u), kRows, true));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,7 +614,7 @@ __global__ void __launch_bounds__(kThreads)
   p.scale = broadcast<N>(shared.scale);
   p.bias = broadcast<N>(shared.bias);
   for_channel_units(c, channels, inner_units, Index(0), units,
-                    [&](Index unit) { normalize_pack<T, N>(x, residual, y, unit, p, activation, Acc(param)); });
+                    [&](Index unit) { normalize_pack<T, N>(x, unit, residual, y, unit, p, activation, Acc(param)); });
 }
 
 template <typename T, int N, typename Index>
@@ -608,7 +637,232 @@ __global__ void __launch_bounds__(kThreads)
                              broadcast<N>(shared.dy_scale), broadcast<N>(shared.xmu_scale),
                              broadcast<N>(shared.shift)};
   for_channel_units(c, channels, inner_units, Index(0), units,
-                    [&](Index unit) { grad_input_pack<T, N>(op.in, grad_input, grad_residual, unit, p); });
+                    [&](Index unit) { grad_input_pack<T, N>(op.in, unit, grad_input, grad_residual, unit, p); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent training passes: one cooperative launch that reads its inputs from memory once. Every
+// block copies its share of the tensor into shared memory and reduces it there; the grid waits
+// (grid.sync) for every block's partials; blocks finish channels in turn and the grid waits again
+// for the per-channel table; then every block writes its outputs from the copy it holds. The grid
+// is one block per SM, so this takes tensors that fit in the SMs' shared memory (about 29 MB on an
+// H100 or H200: twice what the backward holds, dy and x); larger ones take the two-pass path.
+//
+// The tensor is cut into segments. Planes: (channel c, split s), a run of per_split of channel c's
+// outer * inner_units packs. Rows: (group, split s), per_split rows of a group of group_packs
+// adjacent channel packs. Block b holds segments [b * per_block, (b + 1) * per_block), each in
+// `slots` packs of shared memory per input; split s's partials go to row s of partials[splits][C],
+// as in the two-pass path.
+constexpr int kPersistentThreads = 512;
+
+template <typename Index>
+struct Segments {
+  Index outer;        // planes: outer; rows: rows
+  int channels;
+  Index inner_units;  // planes: packs per plane; rows: 1
+  int splits;         // segments per channel (planes) or per group (rows)
+  Index per_split;    // planes: a channel's packs per segment; rows: rows per segment
+  int group_packs;    // rows: channel packs per group, a power of two <= kWarp; planes: 1
+  int count;          // segments in all
+  int per_block;      // segments per block
+  int slots;          // shared-memory packs per segment and input: per_split * group_packs
+  bool warp_teams;    // planes with many segments per block: each warp takes whole segments
+};
+
+// Calls fn(q, rank, size) for the block's segments [q0, q1) and this thread's team: the block for
+// each segment, or with warp_teams its warp for every (warps)-th one.
+template <typename Index, class Fn>
+__device__ __forceinline__ void for_team_segments(const Segments<Index>& sg, int q0, int q1, Fn&& fn) {
+  if (sg.warp_teams) {
+    const int warps = int(blockDim.x) / kWarp;
+    for (int q = q0 + int(threadIdx.x) / kWarp; q < q1; q += warps) fn(q, int(threadIdx.x) % kWarp, kWarp);
+  } else {
+    for (int q = q0; q < q1; ++q) fn(q, int(threadIdx.x), int(blockDim.x));
+  }
+}
+
+// The first channel of team member `rank`'s packs in segment q: planes, the segment's channel;
+// rows, the first of the member's pack of N channels (>= channels for a lane past the last pack).
+template <bool kRows, int N, typename Index>
+__device__ __forceinline__ int segment_channel(const Segments<Index>& sg, int q, int rank) {
+  const int group = q / sg.splits;
+  return kRows ? (group * sg.group_packs + rank % sg.group_packs) * N : group;
+}
+
+// Calls fn(slot, index) for team member `rank`'s packs of segment q (a team of `size` threads, a
+// multiple of group_packs): `slot` is the pack's place among the segment's slots, `index` its place
+// in the tensor.
+template <bool kRows, int N, typename Index, class Fn>
+__device__ __forceinline__ void for_segment(const Segments<Index>& sg, int q, int rank, int size, Fn&& fn) {
+  const int split = q % sg.splits;
+  if constexpr (kRows) {
+    const int packs = sg.channels / N, lane = rank % sg.group_packs;
+    const int pack = (q / sg.splits) * sg.group_packs + lane;
+    if (pack >= packs) return;
+    const Index r0 = Index(split) * sg.per_split;
+    const Index r1 = r0 + sg.per_split < sg.outer ? r0 + sg.per_split : sg.outer;
+    const Index step = Index(size / sg.group_packs);
+    for (Index r = r0 + Index(rank / sg.group_packs); r < r1; r += step)
+      fn(int(r - r0) * sg.group_packs + lane, r * packs + pack);
+  } else {
+    const Index units = sg.outer * sg.inner_units, u0 = Index(split) * sg.per_split;
+    const Index u1 = u0 + sg.per_split < units ? u0 + sg.per_split : units;
+    for_channel_slots(q / sg.splits, sg.channels, sg.inner_units, u0, u1, rank, size, fn);
+  }
+}
+
+// The inputs a persistent kernel keeps: each source's packs copied to `copy` (shared memory).
+template <typename T, int N>
+struct Tiles {
+  static constexpr int kMax = 3;  // dy, x (or y), residual
+  const T* source[kMax];
+  Pack<T, N>* copy[kMax];
+  int count;
+};
+
+// Copies the block's segments [q0, q1) of every input into its tiles, asynchronously where a pack
+// is 4, 8 or 16 bytes (cp.async from sm_80 on: the whole share is in flight at once), and waits.
+template <bool kRows, int N, typename T, typename Index>
+__device__ void copy_segments(const Segments<Index>& sg, int q0, int q1, const Tiles<T, N>& tiles) {
+  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
+    const int base = (q - q0) * sg.slots;
+    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) {
+#pragma unroll
+      for (int a = 0; a < Tiles<T, N>::kMax; ++a) {
+        if (a == tiles.count) break;
+        Pack<T, N>* to = tiles.copy[a] + base + slot;
+        const Pack<T, N>* from = reinterpret_cast<const Pack<T, N>*>(tiles.source[a]) + unit;
+        if constexpr (sizeof(Pack<T, N>) % 4 == 0) __pipeline_memcpy_async(to, from, sizeof(Pack<T, N>));
+        else *to = *from;
+      }
+    });
+  });
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  __syncthreads();
+}
+
+// Reduces the block's segments [q0, q1) with `op` (whose pointers are the tiles, indexed by slot)
+// into partials[split][C].
+template <bool kRows, int N, class Op, typename Index>
+__device__ void reduce_segments(Op op, const Segments<Index>& sg, int q0, int q1, typename Op::State* partials) {
+  using State = typename Op::State;
+  if constexpr (!kRows) {
+    if (sg.warp_teams) {  // a warp per segment: no block-wide waits
+      for_team_segments(sg, q0, q1, [&](int q, int lane, int size) {
+        const int base = (q - q0) * sg.slots, c = segment_channel<kRows, N>(sg, q, lane);
+        op.begin(c, 1);
+        State s{};
+        for_segment<kRows, N>(sg, q, lane, size, [&](int slot, Index) { op.add_same_channel(s, base + slot); });
+        s = warp_merge(s);
+        if (lane == 0) partials[int64_t(q % sg.splits) * sg.channels + c] = s;
+      });
+      return;
+    }
+  }
+  for (int q = q0; q < q1; ++q) {
+    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, int(threadIdx.x));
+    const int64_t row = int64_t(q % sg.splits) * sg.channels;
+    if constexpr (kRows) {
+      // Each thread sums its pack's N channels over its rows; the block's rows of a channel are then
+      // merged in a fixed tree over the threads of one lane.
+      __shared__ State column[kPersistentThreads];
+      State s[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) s[k] = State{};
+      if (c0 < sg.channels) op.begin(c0, N);
+      for_segment<kRows, N>(sg, q, int(threadIdx.x), int(blockDim.x),
+                            [&](int slot, Index) { op.add_channels(s, base + slot); });
+      const int lane_rows = int(blockDim.x) / sg.group_packs, row_in_block = int(threadIdx.x) / sg.group_packs;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        column[threadIdx.x] = s[k];
+        __syncthreads();
+        for (int stride = lane_rows / 2; stride > 0; stride /= 2) {
+          if (row_in_block < stride)
+            column[threadIdx.x] = merge(column[threadIdx.x], column[threadIdx.x + stride * sg.group_packs]);
+          __syncthreads();
+        }
+        if (row_in_block == 0 && c0 < sg.channels) partials[row + c0 + k] = column[threadIdx.x];
+        __syncthreads();
+      }
+    } else {
+      op.begin(c0, 1);
+      State s{};
+      for_segment<kRows, N>(sg, q, int(threadIdx.x), int(blockDim.x),
+                            [&](int slot, Index) { op.add_same_channel(s, base + slot); });
+      s = block_merge<kPersistentThreads>(s);
+      if (threadIdx.x == 0) partials[row + c0] = s;
+      __syncthreads();
+    }
+  }
+}
+
+// Between the reduction and the outputs: the grid waits for every partial, blocks finish channels
+// in turn (the table, the mean and variance or the parameter grads), and the grid waits again.
+template <class Finish, typename State, typename Index>
+__device__ void finish_segments(const Segments<Index>& sg, const State* partials, const Finish& finish) {
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  grid.sync();
+  for (int c = blockIdx.x; c < sg.channels; c += gridDim.x) {
+    finish_channel<kPersistentThreads>(partials, sg.splits, sg.channels, c, finish);
+    __syncthreads();
+  }
+  grid.sync();
+}
+
+template <typename T, int N, typename Index, bool kRows>
+__global__ void __launch_bounds__(kPersistentThreads, 1)
+    persistent_train_forward_kernel(const T* x, const T* residual, T* y, Segments<Index> sg,
+                                    Moments<typename GradInputs<T>::Acc>* partials,
+                                    MomentsFinish<typename GradInputs<T>::Acc> finish, Activation activation,
+                                    double param) {
+  using Acc = typename GradInputs<T>::Acc;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto* tile = reinterpret_cast<Pack<T, N>*>(shared_bytes);
+  const int q0 = min(int(blockIdx.x) * sg.per_block, sg.count), q1 = min(q0 + sg.per_block, sg.count);
+  copy_segments<kRows, N>(sg, q0, q1, Tiles<T, N>{{x}, {tile}, 1});
+  reduce_segments<kRows, N>(MomentsOp<T, N>{reinterpret_cast<const T*>(tile)}, sg, q0, q1, partials);
+  finish_segments(sg, partials, finish);
+  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
+    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, rank);
+    if (c0 >= sg.channels) return;
+    const PackParams<Acc, N> p = table_values<Acc, N>(finish.table, c0, kRows, false);
+    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) {
+      normalize_pack<T, N>(reinterpret_cast<const T*>(tile), Index(base + slot), residual, y, unit, p, activation,
+                           Acc(param));
+    });
+  });
+}
+
+template <typename T, int N, typename Index, bool kRows>
+__global__ void __launch_bounds__(kPersistentThreads, 1)
+    persistent_backward_kernel(GradSumsOp<T, N> op, T* grad_input, T* grad_residual, Segments<Index> sg,
+                               GradSums<typename GradInputs<T>::Acc>* partials,
+                               GradFinish<typename GradInputs<T>::Acc> finish) {
+  using Acc = typename GradInputs<T>::Acc;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int q0 = min(int(blockIdx.x) * sg.per_block, sg.count), q1 = min(q0 + sg.per_block, sg.count);
+  const int64_t tile_packs = int64_t(sg.per_block) * sg.slots;
+  Tiles<T, N> tiles{{op.in.dy, op.in.saved, op.in.residual}, {}, op.in.residual ? 3 : 2};
+#pragma unroll
+  for (int a = 0; a < Tiles<T, N>::kMax; ++a)
+    tiles.copy[a] = reinterpret_cast<Pack<T, N>*>(shared_bytes) + a * tile_packs;
+  copy_segments<kRows, N>(sg, q0, q1, tiles);
+  // From here on the op reads the tiles, by slot.
+  op.in.dy = reinterpret_cast<const T*>(tiles.copy[0]);
+  op.in.saved = reinterpret_cast<const T*>(tiles.copy[1]);
+  if (op.in.residual) op.in.residual = reinterpret_cast<const T*>(tiles.copy[2]);
+  reduce_segments<kRows, N>(op, sg, q0, q1, partials);
+  finish_segments(sg, partials, finish);
+  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
+    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, rank);
+    if (c0 >= sg.channels) return;
+    const PackParams<Acc, N> p = table_values<Acc, N>(finish.table, c0, kRows, true);
+    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) {
+      grad_input_pack<T, N>(op.in, Index(base + slot), grad_input, grad_residual, unit, p);
+    });
+  });
 }
 
 template <typename R, typename B>
@@ -734,6 +988,133 @@ void launch_normalize(const Geometry& g, const T* x, const T* residual, T* y,
   });
 }
 
+// The persistent path (see its kernels): off unless FASTBN_CUDA_PERSISTENT=1, as it was written after
+// the last GPU run and has not been run on a GPU yet.
+bool persistent_enabled() {
+  const char* value = std::getenv("FASTBN_CUDA_PERSISTENT");
+  return value != nullptr && std::string_view(value) == "1";
+}
+
+// Plans a persistent launch of `kernel` over g (numel > 0) keeping `inputs` tensors of packs of n
+// values: among the split counts whose fullest block fits in shared memory, the one that leaves it
+// the least to do. Each segment counts as more bytes to copy, what its merge takes about as long as:
+// 16 KB where the block merges it, 1 KB with warp_teams (sixteen warps merge side by side). False
+// where the device cannot launch cooperatively or no split count fits.
+template <typename Index>
+bool plan_persistent(const void* kernel, const Geometry& g, int n, int inputs, size_t pack_bytes,
+                     const Launch& launch, Segments<Index>* plan, size_t* shared_bytes) {
+  int device = 0, cooperative = 0, shared_optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (!cooperative) return false;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int64_t budget = int64_t(shared_optin) - int64_t(attributes.sharedSizeBytes);
+  const int64_t blocks = launch.sm_count;
+  const bool rows = g.inner == 1;
+  int64_t group_packs = 1, groups = g.channels, length = g.outer * (g.inner / n);
+  if (rows) {
+    const int64_t packs = g.channels / n;
+    while (group_packs < std::min<int64_t>(packs, kWarp)) group_packs *= 2;
+    groups = ceil_div(packs, group_packs);
+    length = g.outer;
+  }
+  constexpr int64_t kWarpTeamSegments = 8, kBlockMergeBytes = 16 << 10, kWarpMergeBytes = 1 << 10;
+  int64_t best_cost = std::numeric_limits<int64_t>::max(), bytes = 0, best_per_split = 0, best_splits = 0,
+          best_per_block = 0;
+  for (int64_t splits = 1; splits <= std::min<int64_t>(length, 2 * blocks); ++splits) {
+    const int64_t per_split = ceil_div(length, splits), used = ceil_div(length, per_split);
+    const int64_t per_block = ceil_div(groups * used, blocks);
+    const int64_t share = per_block * per_split * group_packs * int64_t(pack_bytes) * inputs;
+    const bool warp_teams = !rows && per_block >= kWarpTeamSegments;
+    const int64_t cost = share + per_block * (warp_teams ? kWarpMergeBytes : kBlockMergeBytes);
+    if (share <= budget && groups * used <= std::numeric_limits<int>::max() && cost < best_cost) {
+      best_cost = cost;
+      bytes = share;
+      best_per_split = per_split;
+      best_splits = used;
+      best_per_block = per_block;
+    }
+  }
+  if (bytes == 0) return false;
+  // The whole budget, the same on every call, so that threads launching at once cannot lower it
+  // under each other's plans.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget)));
+  int resident = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kPersistentThreads, size_t(bytes)));
+  if (resident < 1) return false;
+  *plan = {Index(g.outer),
+           int(g.channels),
+           Index(rows ? 1 : g.inner / n),
+           int(best_splits),
+           Index(best_per_split),
+           int(group_packs),
+           int(groups * best_splits),
+           int(best_per_block),
+           int(best_per_split * group_packs),
+           !rows && best_per_block >= kWarpTeamSegments};
+  *shared_bytes = size_t(bytes);
+  return true;
+}
+
+// Launches kernel(args...) cooperatively, a block per SM; args are converted to the kernel's
+// parameter types first, so that the pointers handed to CUDA point at values of exactly those types.
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), size_t shared_bytes, const Launch& launch, Args&&... args) {
+  std::tuple<std::decay_t<Params>...> values{std::forward<Args>(args)...};
+  void* pointers[sizeof...(Params)];
+  std::apply([&](auto&... value) {
+    int i = 0;
+    ((pointers[i++] = static_cast<void*>(&value)), ...);
+  }, values);
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(launch.sm_count),
+                                             dim3(kPersistentThreads), pointers, shared_bytes, launch.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The persistent training forward where it is on and the tensor fits; false otherwise.
+template <typename T, int N, typename Index, typename Acc>
+bool persistent_train_forward(const Geometry& g, const T* x, const T* residual, T* y,
+                              const MomentsFinish<Acc>& finish, const Epilogue& epilogue, const Launch& launch) {
+  bool launched = false;
+  with_pack_channels<Index>(g, N, [&](auto map) {
+    constexpr bool kRows = decltype(map)::rows;
+    auto* kernel = &persistent_train_forward_kernel<T, N, Index, kRows>;
+    Segments<Index> plan{};
+    size_t shared_bytes = 0;
+    if (!plan_persistent(reinterpret_cast<const void*>(kernel), g, N, 1, sizeof(Pack<T, N>), launch, &plan,
+                         &shared_bytes))
+      return;
+    Moments<Acc>* partials = Scratch<Moments<Acc>>{launch}.get(int64_t(plan.splits) * g.channels);
+    launch_cooperative(kernel, shared_bytes, launch, x, residual, y, plan, partials, finish, epilogue.activation,
+                       epilogue.param);
+    launched = true;
+  });
+  return launched;
+}
+
+// The persistent backward (sums and input grads) where it is on and dy and x fit; false otherwise.
+template <typename T, int N, typename Index, typename Acc>
+bool persistent_backward(const Geometry& g, const GradSumsOp<T, N>& op, T* grad_input, T* grad_residual,
+                         const GradFinish<Acc>& finish, const Launch& launch) {
+  bool launched = false;
+  with_pack_channels<Index>(g, N, [&](auto map) {
+    constexpr bool kRows = decltype(map)::rows;
+    auto* kernel = &persistent_backward_kernel<T, N, Index, kRows>;
+    Segments<Index> plan{};
+    size_t shared_bytes = 0;
+    if (!plan_persistent(reinterpret_cast<const void*>(kernel), g, N, op.in.residual ? 3 : 2, sizeof(Pack<T, N>),
+                         launch, &plan, &shared_bytes))
+      return;
+    GradSums<Acc>* partials = Scratch<GradSums<Acc>>{launch}.get(int64_t(plan.splits) * g.channels);
+    launch_cooperative(kernel, shared_bytes, launch, op, grad_input, grad_residual, plan, partials, finish);
+    launched = true;
+  });
+  return launched;
+}
+
 template <int N>
 using PackSize = std::integral_constant<int, N>;
 
@@ -782,6 +1163,11 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
   with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
+    if constexpr (std::is_same_v<Index, int32_t>) {  // what fits on chip is far below 2^30 elements
+      if (y && numel > 0 && persistent_enabled() &&
+          persistent_train_forward<T, N, Index>(g, x, residual, y, finish, a.epilogue, launch))
+        return;
+    }
     if (y && numel > 0 && g.inner > 1 && planes_split(g, N, launch).used == 1) {
       train_forward_planes_kernel<T, N, Index><<<C, kThreads, 0, launch.stream>>>(
           x, residual, y, Index(g.outer), C, Index(g.inner / N), finish, a.epilogue.activation, a.epilogue.param);
@@ -864,6 +1250,11 @@ void backward_impl(const BackwardArgs& a, const Launch& launch) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
     const GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
+    if constexpr (std::is_same_v<Index, int32_t>) {
+      if (has_reduce && has_apply && persistent_enabled() &&
+          persistent_backward<T, N, Index>(g, op, grad_input, grad_residual, finish, launch))
+        return;
+    }
     if (has_reduce && has_apply && g.inner > 1 && planes_split(g, N, launch).used == 1) {
       backward_planes_kernel<T, N, Index><<<C, kThreads, 0, launch.stream>>>(
           op, grad_input, grad_residual, Index(g.outer), C, Index(g.inner / N), finish);

@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", type=_list(["nchw", "nhwc"]), help="nchw, nhwc or both (default: the preset's)")
     p.add_argument("--ops", type=_list(list(OPS)), default=list(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--impls", type=_list(list(IMPLS)),
-                   help="comma list of " + ", ".join(IMPLS) + " (default: all; torch_native, torch with cuDNN "
-                        "off, on CUDA only)")
+                   help="comma list of " + ", ".join(IMPLS) + " (default: all; on CUDA only: torch_native, torch "
+                        "with cuDNN off, and fastbn_persistent, fastbn with FASTBN_CUDA_PERSISTENT=1)")
     p.add_argument("--inference", action="store_true",
                    help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
                         "folded into the convolutions (fastbn.fold)")

@@ -1,6 +1,8 @@
 """The implementations compared: fastbn, torch's F.batch_norm (on CUDA also with cuDNN turned off:
 torch_native), torch.compile of it (inductor), the naive BatchNorm of the classic tutorial, and the
 floor (one copy of the input)."""
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -35,19 +37,38 @@ def native_batch_norm(*args, **kwargs):
         return F.batch_norm(*args, **kwargs)
 
 
+def persistent_batch_norm(*args, **kwargs):
+    """fastbn with its persistent CUDA kernels allowed (FASTBN_CUDA_PERSISTENT=1; off by default until
+    verified on a GPU). Setting the variable around each call costs it a microsecond or two of host time."""
+    before = os.environ.get(PERSISTENT_SWITCH)
+    os.environ[PERSISTENT_SWITCH] = "1"
+    try:
+        return fastbn_functional.batch_norm(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ[PERSISTENT_SWITCH]
+        else:
+            os.environ[PERSISTENT_SWITCH] = before
+
+
+PERSISTENT_SWITCH = "FASTBN_CUDA_PERSISTENT"
 PEERS = ("torch", "torch_native", "inductor", "naive")
-IMPLS = ("fastbn",) + PEERS + ("floor",)
+IMPLS = ("fastbn", "fastbn_persistent") + PEERS + ("floor",)
+CUDA_ONLY = ("fastbn_persistent", "torch_native")
 
 
 def default_impls(device):
-    """Every implementation; torch_native only on CUDA (on the CPU it is torch)."""
-    return [i for i in IMPLS if device == "cuda" or i != "torch_native"]
+    """Every implementation; fastbn_persistent and torch_native only on CUDA (on the CPU they are
+    fastbn and torch)."""
+    return [i for i in IMPLS if device == "cuda" or i not in CUDA_ONLY]
 
 
 def batch_norm_fn(impl):
     """The batch_norm-like callable of an implementation (fresh compile cache for inductor)."""
     if impl == "fastbn":
         return fastbn_functional.batch_norm
+    if impl == "fastbn_persistent":
+        return persistent_batch_norm
     if impl == "torch":
         return F.batch_norm
     if impl == "torch_native":
