@@ -366,7 +366,7 @@ def test_persistent_kernels_run_only_when_allowed(shape, layout, dtype, enabled,
     else:
         monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
     g = torch.Generator().manual_seed(stable_seed("persistent", shape, layout, str(dtype)))
-    x = _like_on_cuda(make_input(shape, dtype, layout, g)).requires_grad_()
+    x = _leaf(_like_on_cuda(make_input(shape, dtype, layout, g)))
     weight, bias, _, _ = to("cuda", *_params(shape[1], dtype, g))
     grad = _like_on_cuda(make_input(shape, dtype, layout, g))
 
