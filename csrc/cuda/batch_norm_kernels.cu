@@ -811,6 +811,20 @@ __device__ void finish_segments(const Segments<Index>& sg, const State* partials
   grid.sync();
 }
 
+// After the grid's second wait: fn(params, slot, index) for each of this thread's packs of the
+// block's segments [q0, q1), with the table values of the pack's channels (the backward's too where
+// `backward`); `slot` is the pack's place in the tiles, `index` in the tensor.
+template <bool kRows, int N, typename Acc, typename Index, class Fn>
+__device__ void for_tile_outputs(const Segments<Index>& sg, int q0, int q1, const ChannelTable<Acc>& table,
+                                 bool backward, Fn&& fn) {
+  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
+    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, rank);
+    if (c0 >= sg.channels) return;
+    const PackParams<Acc, N> p = table_values<Acc, N>(table, c0, kRows, backward);
+    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) { fn(p, Index(base + slot), unit); });
+  });
+}
+
 template <typename T, int N, typename Index, bool kRows>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_train_forward_kernel(const T* x, const T* residual, T* y, Segments<Index> sg,
@@ -824,14 +838,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   copy_segments<kRows, N>(sg, q0, q1, Tiles<T, N>{{x}, {tile}, 1});
   reduce_segments<kRows, N>(MomentsOp<T, N>{reinterpret_cast<const T*>(tile)}, sg, q0, q1, partials);
   finish_segments(sg, partials, finish);
-  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
-    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, rank);
-    if (c0 >= sg.channels) return;
-    const PackParams<Acc, N> p = table_values<Acc, N>(finish.table, c0, kRows, false);
-    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) {
-      normalize_pack<T, N>(reinterpret_cast<const T*>(tile), Index(base + slot), residual, y, unit, p, activation,
-                           Acc(param));
-    });
+  for_tile_outputs<kRows, N>(sg, q0, q1, finish.table, false, [&](const PackParams<Acc, N>& p, Index slot, Index unit) {
+    normalize_pack<T, N>(reinterpret_cast<const T*>(tile), slot, residual, y, unit, p, activation, Acc(param));
   });
 }
 
@@ -855,13 +863,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   if (op.in.residual) op.in.residual = reinterpret_cast<const T*>(tiles.copy[2]);
   reduce_segments<kRows, N>(op, sg, q0, q1, partials);
   finish_segments(sg, partials, finish);
-  for_team_segments(sg, q0, q1, [&](int q, int rank, int size) {
-    const int base = (q - q0) * sg.slots, c0 = segment_channel<kRows, N>(sg, q, rank);
-    if (c0 >= sg.channels) return;
-    const PackParams<Acc, N> p = table_values<Acc, N>(finish.table, c0, kRows, true);
-    for_segment<kRows, N>(sg, q, rank, size, [&](int slot, Index unit) {
-      grad_input_pack<T, N>(op.in, Index(base + slot), grad_input, grad_residual, unit, p);
-    });
+  for_tile_outputs<kRows, N>(sg, q0, q1, finish.table, true, [&](const PackParams<Acc, N>& p, Index slot, Index unit) {
+    grad_input_pack<T, N>(op.in, slot, grad_input, grad_residual, unit, p);
   });
 }
 
