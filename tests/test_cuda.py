@@ -43,14 +43,19 @@ def poisoned_allocator():
     torch.cuda.synchronize()  # a kernel fault surfaces in its own test
 
 
-@pytest.fixture(params=["two-pass", "persistent"])
-def kernel_path(request, monkeypatch):
-    """Runs a test on the default kernels and again with the persistent ones allowed
-    (FASTBN_CUDA_PERSISTENT=1: they take the training passes of every tensor that fits on chip)."""
-    if request.param == "persistent":
+def _allow_persistent_kernels(monkeypatch, allowed):
+    """FASTBN_CUDA_PERSISTENT=1 (read on every call): the persistent kernels take the training passes
+    of every tensor that fits on chip."""
+    if allowed:
         monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1")
     else:
         monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+
+
+@pytest.fixture(params=["two-pass", "persistent"])
+def kernel_path(request, monkeypatch):
+    """Runs a test on the default kernels and again with the persistent ones allowed."""
+    _allow_persistent_kernels(monkeypatch, request.param == "persistent")
     return request.param
 
 
@@ -361,10 +366,7 @@ def _kernels_run(fn):
 def test_persistent_kernels_run_only_when_allowed(shape, layout, dtype, enabled, monkeypatch):
     """With the switch on, a small training step is one cooperative launch each way (the kernels the
     other tests check against float64 are then really the persistent ones); without it, none runs."""
-    if enabled:
-        monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1")
-    else:
-        monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+    _allow_persistent_kernels(monkeypatch, enabled)
     g = torch.Generator().manual_seed(stable_seed("persistent", shape, layout, str(dtype)))
     x = _leaf(_like_on_cuda(make_input(shape, dtype, layout, g)))
     weight, bias, _, _ = to("cuda", *_params(shape[1], dtype, g))

@@ -645,8 +645,9 @@ __global__ void __launch_bounds__(kThreads)
 // block copies its share of the tensor into shared memory and reduces it there; the grid waits
 // (grid.sync) for every block's partials; blocks finish channels in turn and the grid waits again
 // for the per-channel table; then every block writes its outputs from the copy it holds. The grid
-// is one block per SM, so this takes tensors that fit in the SMs' shared memory (about 29 MB on an
-// H100 or H200: twice what the backward holds, dy and x); larger ones take the two-pass path.
+// is one block per SM, so this takes tensors that fit in the SMs' shared memory (about 29 MB of
+// input on an H100 or H200, half that for the backward, which holds dy and x); larger ones take the
+// two-pass path.
 //
 // The tensor is cut into segments. Planes: (channel c, split s), a run of per_split of channel c's
 // outer * inner_units packs. Rows: (group, split s), per_split rows of a group of group_packs

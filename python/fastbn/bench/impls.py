@@ -37,6 +37,9 @@ def native_batch_norm(*args, **kwargs):
         return F.batch_norm(*args, **kwargs)
 
 
+PERSISTENT_SWITCH = "FASTBN_CUDA_PERSISTENT"
+
+
 def persistent_batch_norm(*args, **kwargs):
     """fastbn with its persistent CUDA kernels allowed (FASTBN_CUDA_PERSISTENT=1; off by default until
     verified on a GPU). Setting the variable around each call costs it a microsecond or two of host time."""
@@ -51,7 +54,6 @@ def persistent_batch_norm(*args, **kwargs):
             os.environ[PERSISTENT_SWITCH] = before
 
 
-PERSISTENT_SWITCH = "FASTBN_CUDA_PERSISTENT"
 PEERS = ("torch", "torch_native", "inductor", "naive")
 IMPLS = ("fastbn", "fastbn_persistent") + PEERS + ("floor",)
 CUDA_ONLY = ("fastbn_persistent", "torch_native")
