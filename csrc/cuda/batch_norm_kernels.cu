@@ -828,10 +828,9 @@ __device__ void for_tile_outputs(const Segments<Index>& sg, int q0, int q1, cons
 
 template <typename T, int N, typename Index, bool kRows>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
-    persistent_train_forward_kernel(const T* x, const T* residual, T* y, Segments<Index> sg,
-                                    Moments<typename GradInputs<T>::Acc>* partials,
-                                    MomentsFinish<typename GradInputs<T>::Acc> finish, Activation activation,
-                                    double param) {
+    persistent_train_forward_kernel(Segments<Index> sg, Moments<typename GradInputs<T>::Acc>* partials, const T* x,
+                                    const T* residual, T* y, MomentsFinish<typename GradInputs<T>::Acc> finish,
+                                    Activation activation, double param) {
   using Acc = typename GradInputs<T>::Acc;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   auto* tile = reinterpret_cast<Pack<T, N>*>(shared_bytes);
@@ -846,8 +845,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
 template <typename T, int N, typename Index, bool kRows>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
-    persistent_backward_kernel(GradSumsOp<T, N> op, T* grad_input, T* grad_residual, Segments<Index> sg,
-                               GradSums<typename GradInputs<T>::Acc>* partials,
+    persistent_backward_kernel(Segments<Index> sg, GradSums<typename GradInputs<T>::Acc>* partials,
+                               GradSumsOp<T, N> op, T* grad_input, T* grad_residual,
                                GradFinish<typename GradInputs<T>::Acc> finish) {
   using Acc = typename GradInputs<T>::Acc;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -1078,42 +1077,22 @@ void launch_cooperative(void (*kernel)(Params...), size_t shared_bytes, const La
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The persistent training forward where it is on and the tensor fits; false otherwise.
-template <typename T, int N, typename Index, typename Acc>
-bool persistent_train_forward(const Geometry& g, const T* x, const T* residual, T* y,
-                              const MomentsFinish<Acc>& finish, const Epilogue& epilogue, const Launch& launch) {
+// Plans and launches the persistent kernel that kernel_of(map) gives for g's layout, keeping `inputs`
+// tensors on chip; the kernel takes the plan and its partials (of State) first, then args. False
+// where the tensors do not fit.
+template <typename T, int N, typename Index, typename State, class KernelOf, class... Args>
+bool launch_persistent(const Geometry& g, int inputs, const Launch& launch, KernelOf&& kernel_of,
+                       const Args&... args) {
   bool launched = false;
   with_pack_channels<Index>(g, N, [&](auto map) {
-    constexpr bool kRows = decltype(map)::rows;
-    auto* kernel = &persistent_train_forward_kernel<T, N, Index, kRows>;
+    auto* kernel = kernel_of(map);
     Segments<Index> plan{};
     size_t shared_bytes = 0;
-    if (!plan_persistent(reinterpret_cast<const void*>(kernel), g, N, 1, sizeof(Pack<T, N>), launch, &plan,
+    if (!plan_persistent(reinterpret_cast<const void*>(kernel), g, N, inputs, sizeof(Pack<T, N>), launch, &plan,
                          &shared_bytes))
       return;
-    Moments<Acc>* partials = Scratch<Moments<Acc>>{launch}.get(int64_t(plan.splits) * g.channels);
-    launch_cooperative(kernel, shared_bytes, launch, x, residual, y, plan, partials, finish, epilogue.activation,
-                       epilogue.param);
-    launched = true;
-  });
-  return launched;
-}
-
-// The persistent backward (sums and input grads) where it is on and dy and x fit; false otherwise.
-template <typename T, int N, typename Index, typename Acc>
-bool persistent_backward(const Geometry& g, const GradSumsOp<T, N>& op, T* grad_input, T* grad_residual,
-                         const GradFinish<Acc>& finish, const Launch& launch) {
-  bool launched = false;
-  with_pack_channels<Index>(g, N, [&](auto map) {
-    constexpr bool kRows = decltype(map)::rows;
-    auto* kernel = &persistent_backward_kernel<T, N, Index, kRows>;
-    Segments<Index> plan{};
-    size_t shared_bytes = 0;
-    if (!plan_persistent(reinterpret_cast<const void*>(kernel), g, N, op.in.residual ? 3 : 2, sizeof(Pack<T, N>),
-                         launch, &plan, &shared_bytes))
-      return;
-    GradSums<Acc>* partials = Scratch<GradSums<Acc>>{launch}.get(int64_t(plan.splits) * g.channels);
-    launch_cooperative(kernel, shared_bytes, launch, op, grad_input, grad_residual, plan, partials, finish);
+    State* partials = Scratch<State>{launch}.get(int64_t(plan.splits) * g.channels);
+    launch_cooperative(kernel, shared_bytes, launch, plan, partials, args...);
     launched = true;
   });
   return launched;
@@ -1168,8 +1147,10 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
     if constexpr (std::is_same_v<Index, int32_t>) {  // what fits on chip is far below 2^30 elements
+      auto kernel_of = [](auto map) { return &persistent_train_forward_kernel<T, N, Index, decltype(map)::rows>; };
       if (y && numel > 0 && persistent_enabled() &&
-          persistent_train_forward<T, N, Index>(g, x, residual, y, finish, a.epilogue, launch))
+          launch_persistent<T, N, Index, Moments<Acc>>(g, 1, launch, kernel_of, x, residual, y, finish,
+                                                       a.epilogue.activation, a.epilogue.param))
         return;
     }
     if (y && numel > 0 && g.inner > 1 && planes_split(g, N, launch).used == 1) {
@@ -1255,8 +1236,10 @@ void backward_impl(const BackwardArgs& a, const Launch& launch) {
     using Index = decltype(index);
     const GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
     if constexpr (std::is_same_v<Index, int32_t>) {
+      auto kernel_of = [](auto map) { return &persistent_backward_kernel<T, N, Index, decltype(map)::rows>; };
       if (has_reduce && has_apply && persistent_enabled() &&
-          persistent_backward<T, N, Index>(g, op, grad_input, grad_residual, finish, launch))
+          launch_persistent<T, N, Index, GradSums<Acc>>(g, in.residual ? 3 : 2, launch, kernel_of, op, grad_input,
+                                                        grad_residual, finish))
         return;
     }
     if (has_reduce && has_apply && g.inner > 1 && planes_split(g, N, launch).used == 1) {
