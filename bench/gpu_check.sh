@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, for a machine with a CUDA GPU, Python, torch (CUDA build), nvcc and
 # ninja installed, and no internet: build fastbn from this source tree for the local GPU, run the
-# CUDA tests (each training-pass test twice: default kernels, and with the persistent ones allowed),
+# CUDA tests (each training-pass test twice: the two-pass kernels, and the persistent ones forced),
 # benchmark against torch (cuDNN where it picks it, and with cuDNN off), torch.compile and the copy
-# floor, with fastbn both ways, and check the targets. About 5-7 minutes on an H100/H200.
+# floor, with fastbn as it chooses and with each of its paths forced, check the targets, and
+# profile a few layers kernel by kernel. About 6-7 minutes on an H100/H200.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
 #   QUICK=1 bash bench/gpu_check.sh ...    skips the torch.compile and per-call overhead stages
@@ -60,11 +61,12 @@ OMP_NUM_THREADS=2 timeout 200 $PY -m pytest tests/test_cuda.py -q $WORKERS $PER_
   --tb=short -p no:cacheprovider --junitxml="$OUT_DIR/test_cuda.xml" || fail "CUDA tests"
 # The benchmark times the persistent kernels only where their tests passed: a fault there would lose
 # every number after it.
-BENCH_IMPLS=fastbn,fastbn_persistent,torch,torch_native,floor
+BENCH_IMPLS=fastbn,fastbn_persistent,fastbn_two_pass,torch,torch_native,floor
 if ! grep -q 'testsuite[^>]*errors="0"[^>]*failures="0"' "$OUT_DIR/test_cuda.xml" 2>/dev/null \
    && { [[ ! -s "$OUT_DIR/test_cuda.xml" ]] || grep -q '<testcase[^>]*persistent[^>]*>\s*<\(failure\|error\)' \
           <(tr -d '\n' < "$OUT_DIR/test_cuda.xml" | sed 's/<testcase/\n<testcase/g'); }; then
-  echo "persistent kernels failed (or the tests did not finish): benchmarking the default kernels only"
+  echo "persistent kernels failed (or the tests did not finish): benchmarking the two-pass kernels only"
+  export FASTBN_CUDA_PERSISTENT=0
   BENCH_IMPLS=fastbn,torch,torch_native,floor
 fi
 
@@ -75,6 +77,9 @@ timeout 240 $PY -m fastbn.bench --device cuda --preset resnet50 --dtype float32,
 
 stage "targets"
 $PY bench/gpu_targets.py "$OUT_DIR/gpu-resnet50.json" || fail "targets"
+
+stage "profile: a training step's kernels on a few layers, fastbn's paths and torch's"
+timeout 90 $PY bench/gpu_profile.py || fail "profile"
 
 if [[ -z "${QUICK:-}" ]]; then
 stage "benchmark: against torch.compile (inductor) on one layer"

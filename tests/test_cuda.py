@@ -16,10 +16,10 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 # Beyond conftest's shapes: sizes where the kernels take 16-byte packs (planes a multiple of 8 values,
-# channels a multiple of 8), channels split over many blocks (C far below the SM count), and ResNet
-# layers.
+# channels a multiple of 8) or 8-byte packs of 16-bit values (planes or channels a multiple of 4 only),
+# channels split over many blocks (C far below the SM count), and ResNet layers.
 CUDA_SHAPES = SHAPES + [(64, 32), (4096, 24), (4, 16, 8, 8), (3, 8, 5, 5), (2, 2, 256, 256), (16, 64, 56, 56),
-                        (32, 2048, 7, 7), (2, 8, 4, 8, 8)]
+                        (32, 2048, 7, 7), (2, 8, 4, 8, 8), (2, 12, 14, 14), (96, 12)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -43,19 +43,16 @@ def poisoned_allocator():
     torch.cuda.synchronize()  # a kernel fault surfaces in its own test
 
 
-def _allow_persistent_kernels(monkeypatch, allowed):
-    """FASTBN_CUDA_PERSISTENT=1 (read on every call): the persistent kernels take the training passes
-    of every tensor that fits on chip."""
-    if allowed:
-        monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1")
-    else:
-        monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+def _force_persistent_kernels(monkeypatch, forced):
+    """FASTBN_CUDA_PERSISTENT (read on every call): 1, the persistent kernels take the training passes
+    of every tensor that fits on chip; 0, never (unset, fastbn chooses by shape)."""
+    monkeypatch.setenv("FASTBN_CUDA_PERSISTENT", "1" if forced else "0")
 
 
 @pytest.fixture(params=["two-pass", "persistent"])
 def kernel_path(request, monkeypatch):
-    """Runs a test on the default kernels and again with the persistent ones allowed."""
-    _allow_persistent_kernels(monkeypatch, request.param == "persistent")
+    """Runs a test on the two-pass kernels and again on the persistent ones, wherever they fit."""
+    _force_persistent_kernels(monkeypatch, request.param == "persistent")
     return request.param
 
 
@@ -360,13 +357,9 @@ def _kernels_run(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("shape, layout", cases([(64, 32), (7, 3), (4, 16, 8, 8), (3, 8, 5, 5), (2, 8, 4, 8, 8)]))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("enabled", [False, True], ids=["default", "FASTBN_CUDA_PERSISTENT=1"])
-def test_persistent_kernels_run_only_when_allowed(shape, layout, dtype, enabled, monkeypatch):
-    """With the switch on, a small training step is one cooperative launch each way (the kernels the
-    other tests check against float64 are then really the persistent ones); without it, none runs."""
-    _allow_persistent_kernels(monkeypatch, enabled)
+def _persistent_kernels_of_a_training_step(shape, layout, dtype):
+    """The persistent forward and backward kernels, and the two-pass reduce/finish kernels, that one
+    training step (forward and backward) runs."""
     g = torch.Generator().manual_seed(stable_seed("persistent", shape, layout, str(dtype)))
     x = _leaf(_like_on_cuda(make_input(shape, dtype, layout, g)))
     weight, bias, _, _ = to("cuda", *_params(shape[1], dtype, g))
@@ -378,8 +371,40 @@ def test_persistent_kernels_run_only_when_allowed(shape, layout, dtype, enabled,
     names = _kernels_run(step)
     forward = [n for n in names if "persistent_train_forward_kernel" in n]
     backward = [n for n in names if "persistent_backward_kernel" in n]
-    if enabled:
-        assert len(forward) == 1 and len(backward) == 1, names
-        assert not any("reduce_" in n or "finish_kernel" in n for n in names), names
+    two_pass = [n for n in names if "reduce_" in n or "finish_kernel" in n or "_planes_kernel" in n]
+    return forward, backward, two_pass
+
+
+@pytest.mark.parametrize("shape, layout", cases([(64, 32), (7, 3), (4, 16, 8, 8), (3, 8, 5, 5), (2, 8, 4, 8, 8),
+                                                 (2, 12, 14, 14)]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("forced", [False, True], ids=["FASTBN_CUDA_PERSISTENT=0", "FASTBN_CUDA_PERSISTENT=1"])
+def test_persistent_switch_forces_either_path(shape, layout, dtype, forced, monkeypatch):
+    """Forced on, a small training step is one cooperative launch each way (the kernels the other
+    tests check against float64 are then really the persistent ones); forced off, none runs."""
+    _force_persistent_kernels(monkeypatch, forced)
+    forward, backward, two_pass = _persistent_kernels_of_a_training_step(shape, layout, dtype)
+    if forced:
+        assert len(forward) == 1 and len(backward) == 1 and not two_pass, (forward, backward, two_pass)
     else:
-        assert not forward and not backward, names
+        assert not forward and not backward and two_pass, (forward, backward, two_pass)
+
+
+@pytest.mark.parametrize("shape, layout, persistent", [
+    ((8, 16, 32, 32), "channels_last", True),    # rows: <= 512 channels, >= 8192 rows
+    ((8192, 16), "contiguous", True),
+    ((4096, 16), "contiguous", False),           # too few rows
+    ((16, 1024, 7, 7), "channels_last", False),  # too many channels
+    ((32, 16, 28, 28), "contiguous", True),      # planes: <= 128 channels of >= 25088 values
+    ((8, 16, 28, 28), "contiguous", False),
+    ((32, 256, 28, 28), "contiguous", False),
+])
+def test_persistent_kernels_by_default_where_measured_faster(shape, layout, persistent, monkeypatch):
+    """Unset, the switch leaves the choice to the shape rule that the H200 measurements gave (see
+    persistent_wanted in csrc/cuda/batch_norm_kernels.cu)."""
+    monkeypatch.delenv("FASTBN_CUDA_PERSISTENT", raising=False)
+    forward, backward, two_pass = _persistent_kernels_of_a_training_step(shape, layout, torch.float32)
+    if persistent:
+        assert len(forward) == 1 and len(backward) == 1 and not two_pass, (forward, backward, two_pass)
+    else:
+        assert not forward and not backward and two_pass, (forward, backward, two_pass)

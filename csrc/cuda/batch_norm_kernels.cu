@@ -372,17 +372,23 @@ __global__ void __launch_bounds__(kThreads)
     op.begin(pack * N, N);
     for (Index r = r0 + threadIdx.y; r < r1; r += blockDim.y) op.add_channels(s, r * packs + pack);
   }
+  // The block's rows of a pack are merged in a fixed tree over threadIdx.y (blockDim.y is a power of
+  // two): a row of threads walking all of them in turn, a division per merge, left the rest idle.
   const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * N;
 #pragma unroll
   for (int k = 0; k < N; ++k) shared[slot + k] = s[k];
   __syncthreads();
-  if (threadIdx.y == 0 && pack < packs) {
-    for (int y = 1; y < int(blockDim.y); ++y) {
+  for (int stride = int(blockDim.y) / 2; stride > 0; stride /= 2) {
+    if (int(threadIdx.y) < stride) {
+      const int other = slot + stride * int(blockDim.x) * N;
 #pragma unroll
-      for (int k = 0; k < N; ++k) s[k] = merge(s[k], shared[(y * blockDim.x + threadIdx.x) * N + k]);
+      for (int k = 0; k < N; ++k) shared[slot + k] = merge(shared[slot + k], shared[other + k]);
     }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && pack < packs) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) partials[int64_t(blockIdx.y) * channels + pack * N + k] = s[k];
+    for (int k = 0; k < N; ++k) partials[int64_t(blockIdx.y) * channels + pack * N + k] = shared[slot + k];
   }
 }
 
@@ -898,15 +904,22 @@ bool aligned(const void* p, int n) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * n) == 0;
 }
 
-// 16-byte packs when the layout and every pointer allow them, else single values.
+// Pack widths: 16 bytes; for 16-bit types also 8 bytes, which 14x14 planes (196 values) allow where
+// 16-byte packs do not (single 2-byte loads made those layers 2x slower than in float32 on an H200).
+template <typename T>
+constexpr int kVectorOf = 16 / sizeof(T);
+template <typename T>
+constexpr int kNarrowVectorOf = sizeof(T) == 2 ? 4 : 0;
+
+// The widest pack the layout and every pointer allow, else single values.
 template <typename T>
 int pack_width(const Geometry& g, std::initializer_list<const void*> pointers) {
-  constexpr int kVector = 16 / sizeof(T);
-  const bool fits = g.inner > 1 ? g.inner % kVector == 0 : g.channels % kVector == 0;
-  if (!fits) return 1;
-  for (const void* p : pointers)
-    if (!aligned<T>(p, kVector)) return 1;
-  return kVector;
+  for (const int n : {kVectorOf<T>, kNarrowVectorOf<T>}) {
+    const bool fits = n > 1 && (g.inner > 1 ? g.inner % n == 0 : g.channels % n == 0);
+    if (fits && std::all_of(pointers.begin(), pointers.end(), [n](const void* p) { return aligned<T>(p, n); }))
+      return n;
+  }
+  return 1;
 }
 
 template <typename T>
@@ -991,11 +1004,19 @@ void launch_normalize(const Geometry& g, const T* x, const T* residual, T* y,
   });
 }
 
-// The persistent path (see its kernels): off unless FASTBN_CUDA_PERSISTENT=1, as it was written after
-// the last GPU run and has not been run on a GPU yet.
-bool persistent_enabled() {
-  const char* value = std::getenv("FASTBN_CUDA_PERSISTENT");
-  return value != nullptr && std::string_view(value) == "1";
+// Whether the training passes take the persistent path (see its kernels) where the tensors fit.
+// FASTBN_CUDA_PERSISTENT=1 takes it wherever they fit, =0 never (read on every call); otherwise it is
+// taken where an H200 measured it faster than the two-pass path (bench/results/gpu-h200-resnet50.json,
+// ResNet-50 shapes): rows (channels_last) of at most 512 channels and 8192 rows or more, 0.4-0.95 of
+// the two-pass time, 16-bit types most; planes of at most 128 channels of 25088 values or more,
+// 0.91-0.98. Elsewhere it was slower: many channels (1024-2048 took 1.2-2.5x as long), few rows.
+bool persistent_wanted(const Geometry& g) {
+  if (const char* value = std::getenv("FASTBN_CUDA_PERSISTENT")) {
+    if (std::string_view(value) == "1") return true;
+    if (std::string_view(value) == "0") return false;
+  }
+  if (g.inner == 1) return g.channels <= 512 && g.outer >= 8192;
+  return g.channels <= 128 && g.outer * g.inner >= 25088;
 }
 
 // Plans a persistent launch of `kernel` over g (numel > 0) keeping `inputs` tensors of packs of n
@@ -1101,14 +1122,18 @@ bool launch_persistent(const Geometry& g, int inputs, const Launch& launch, Kern
 template <int N>
 using PackSize = std::integral_constant<int, N>;
 
-// Calls fn(PackSize<N>, Index) for the pack width n (1 or kVector) and the narrowest index type
-// that is safe: 32-bit up to 2^30 elements (headroom for the strided loops), 64-bit beyond.
-template <int kVector, class Fn>
+// Calls fn(PackSize<N>, Index) for the pack width n (of pack_width<T>) and the narrowest index type
+// that is safe: 32-bit up to 2^30 elements (headroom for the strided loops), 64-bit beyond. Beyond,
+// 8-byte packs give way to single values, which serve any layout (one instantiation less).
+template <typename T, class Fn>
 void with_pack_and_index(int n, int64_t numel, Fn&& fn) {
+  constexpr int kVector = kVectorOf<T>, kNarrowVector = kNarrowVectorOf<T>;
   const bool narrow = numel <= (int64_t(1) << 30);
   if (n == kVector) {
     if (narrow) fn(PackSize<kVector>{}, int32_t{});
     else fn(PackSize<kVector>{}, int64_t{});
+  } else if (kNarrowVector > 1 && n == kNarrowVector && narrow) {
+    if constexpr (kNarrowVector > 1) fn(PackSize<kNarrowVector>{}, int32_t{});
   } else {
     if (narrow) fn(PackSize<1>{}, int32_t{});
     else fn(PackSize<1>{}, int64_t{});
@@ -1143,12 +1168,12 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
   const auto* x = static_cast<const T*>(a.input);
   const auto* residual = static_cast<const T*>(a.epilogue.residual);
   auto* y = static_cast<T*>(a.output);
-  with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
+  with_pack_and_index<T>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
     if constexpr (std::is_same_v<Index, int32_t>) {  // what fits on chip is far below 2^30 elements
       auto kernel_of = [](auto map) { return &persistent_train_forward_kernel<T, N, Index, decltype(map)::rows>; };
-      if (y && numel > 0 && persistent_enabled() &&
+      if (y && numel > 0 && persistent_wanted(g) &&
           launch_persistent<T, N, Index, Moments<Acc>>(g, 1, launch, kernel_of, x, residual, y, finish,
                                                        a.epilogue.activation, a.epilogue.param))
         return;
@@ -1183,7 +1208,7 @@ void eval_forward_impl(const EvalForwardArgs& a, const Launch& launch) {
       C, static_cast<const Acc*>(a.mean), static_cast<const Acc*>(a.var), static_cast<const Acc*>(a.weight),
       static_cast<const Acc*>(a.bias), a.eps, table);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
+  with_pack_and_index<T>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     launch_normalize<T, N, decltype(index)>(g, static_cast<const T*>(a.input),
                                             static_cast<const T*>(a.epilogue.residual), static_cast<T*>(a.output),
@@ -1231,13 +1256,13 @@ void backward_impl(const BackwardArgs& a, const Launch& launch) {
                                table};
   auto* grad_input = static_cast<T*>(a.grad_input);
   auto* grad_residual = static_cast<T*>(a.grad_residual);
-  with_pack_and_index<16 / sizeof(T)>(n, numel, [&](auto pack, auto index) {
+  with_pack_and_index<T>(n, numel, [&](auto pack, auto index) {
     constexpr int N = decltype(pack)::value;
     using Index = decltype(index);
     const GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
     if constexpr (std::is_same_v<Index, int32_t>) {
       auto kernel_of = [](auto map) { return &persistent_backward_kernel<T, N, Index, decltype(map)::rows>; };
-      if (has_reduce && has_apply && persistent_enabled() &&
+      if (has_reduce && has_apply && persistent_wanted(g) &&
           launch_persistent<T, N, Index, GradSums<Acc>>(g, in.residual ? 3 : 2, launch, kernel_of, op, grad_input,
                                                         grad_residual, finish))
         return;

@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--ops", type=_list(list(OPS)), default=list(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--impls", type=_list(list(IMPLS)),
                    help="comma list of " + ", ".join(IMPLS) + " (default: all; on CUDA only: torch_native, torch "
-                        "with cuDNN off, and fastbn_persistent, fastbn with FASTBN_CUDA_PERSISTENT=1)")
+                        "with cuDNN off; fastbn_persistent and fastbn_two_pass, fastbn with "
+                        "FASTBN_CUDA_PERSISTENT=1 or 0)")
     p.add_argument("--inference", action="store_true",
                    help="instead of the ops: a small ResNet in eval mode with torch's BatchNorm, fastbn's, and "
                         "folded into the convolutions (fastbn.fold)")

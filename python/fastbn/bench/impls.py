@@ -40,28 +40,32 @@ def native_batch_norm(*args, **kwargs):
 PERSISTENT_SWITCH = "FASTBN_CUDA_PERSISTENT"
 
 
-def persistent_batch_norm(*args, **kwargs):
-    """fastbn with its persistent CUDA kernels allowed (FASTBN_CUDA_PERSISTENT=1; off by default until
-    verified on a GPU). Setting the variable around each call costs it a microsecond or two of host time."""
-    before = os.environ.get(PERSISTENT_SWITCH)
-    os.environ[PERSISTENT_SWITCH] = "1"
-    try:
-        return fastbn_functional.batch_norm(*args, **kwargs)
-    finally:
-        if before is None:
-            del os.environ[PERSISTENT_SWITCH]
-        else:
-            os.environ[PERSISTENT_SWITCH] = before
+def _with_persistent_switch(value):
+    """fastbn with FASTBN_CUDA_PERSISTENT set to `value` around each call ("1": its persistent CUDA
+    kernels wherever the tensors fit; "0": the two-pass kernels; unset, fastbn chooses by shape).
+    Setting the variable costs a call a microsecond or two of host time."""
+    def batch_norm(*args, **kwargs):
+        before = os.environ.get(PERSISTENT_SWITCH)
+        os.environ[PERSISTENT_SWITCH] = value
+        try:
+            return fastbn_functional.batch_norm(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ[PERSISTENT_SWITCH]
+            else:
+                os.environ[PERSISTENT_SWITCH] = before
+    return batch_norm
 
 
 PEERS = ("torch", "torch_native", "inductor", "naive")
-IMPLS = ("fastbn", "fastbn_persistent") + PEERS + ("floor",)
-CUDA_ONLY = ("fastbn_persistent", "torch_native")
+FASTBN_PATHS = {"fastbn_persistent": "1", "fastbn_two_pass": "0"}  # CUDA: one path forced
+IMPLS = ("fastbn",) + tuple(FASTBN_PATHS) + PEERS + ("floor",)
+CUDA_ONLY = tuple(FASTBN_PATHS) + ("torch_native",)
 
 
 def default_impls(device):
-    """Every implementation; fastbn_persistent and torch_native only on CUDA (on the CPU they are
-    fastbn and torch)."""
+    """Every implementation; fastbn with a CUDA path forced and torch_native only on CUDA (on the CPU
+    they are fastbn and torch)."""
     return [i for i in IMPLS if device == "cuda" or i not in CUDA_ONLY]
 
 
@@ -69,8 +73,8 @@ def batch_norm_fn(impl):
     """The batch_norm-like callable of an implementation (fresh compile cache for inductor)."""
     if impl == "fastbn":
         return fastbn_functional.batch_norm
-    if impl == "fastbn_persistent":
-        return persistent_batch_norm
+    if impl in FASTBN_PATHS:
+        return _with_persistent_switch(FASTBN_PATHS[impl])
     if impl == "torch":
         return F.batch_norm
     if impl == "torch_native":
