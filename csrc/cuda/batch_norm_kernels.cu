@@ -1004,19 +1004,22 @@ void launch_normalize(const Geometry& g, const T* x, const T* residual, T* y,
   });
 }
 
-// Whether the training passes take the persistent path (see its kernels) where the tensors fit.
-// FASTBN_CUDA_PERSISTENT=1 takes it wherever they fit, =0 never (read on every call); otherwise it is
-// taken where an H200 measured it faster than the two-pass path (bench/results/gpu-h200-resnet50.json,
-// ResNet-50 shapes): rows (channels_last) of at most 512 channels and 8192 rows or more, 0.4-0.95 of
-// the two-pass time, 16-bit types most; planes of at most 128 channels of 25088 values or more,
-// 0.91-0.98. Elsewhere it was slower: many channels (1024-2048 took 1.2-2.5x as long), few rows.
-bool persistent_wanted(const Geometry& g) {
+// Whether a training pass takes the persistent path (see its kernels) where its tensors fit.
+// FASTBN_CUDA_PERSISTENT=1 takes it wherever they fit, =0 never (read on every call). Otherwise it
+// is taken where an H200 measured it faster than the two-pass path on the ResNet-50 shapes (two runs
+// of bench/gpu_check.sh, 2026-11-30):
+// - rows (channels_last, (N, C)) of at most 512 channels and 8192 rows or more: the forward took
+//   0.59-1.02 of the two-pass time, the backward 0.76-0.92 (16-bit tensors of 6 MB or less: 1.0-1.06);
+// - the forward of planes of at most 128 channels of 25088 values or more: 0.91-1.0. Their backward
+//   took 1.1-1.36x as long in 16-bit types (and as long in float32), so it stays two-pass.
+// Elsewhere the forward took 0.93-2.5x as long (1024-2048 channels of 7x7 2-2.5x).
+bool persistent_wanted(const Geometry& g, bool backward) {
   if (const char* value = std::getenv("FASTBN_CUDA_PERSISTENT")) {
     if (std::string_view(value) == "1") return true;
     if (std::string_view(value) == "0") return false;
   }
   if (g.inner == 1) return g.channels <= 512 && g.outer >= 8192;
-  return g.channels <= 128 && g.outer * g.inner >= 25088;
+  return !backward && g.channels <= 128 && g.outer * g.inner >= 25088;
 }
 
 // Plans a persistent launch of `kernel` over g (numel > 0) keeping `inputs` tensors of packs of n
@@ -1173,7 +1176,7 @@ void train_forward_impl(const TrainForwardArgs& a, const Launch& launch) {
     using Index = decltype(index);
     if constexpr (std::is_same_v<Index, int32_t>) {  // what fits on chip is far below 2^30 elements
       auto kernel_of = [](auto map) { return &persistent_train_forward_kernel<T, N, Index, decltype(map)::rows>; };
-      if (y && numel > 0 && persistent_wanted(g) &&
+      if (y && numel > 0 && persistent_wanted(g, false) &&
           launch_persistent<T, N, Index, Moments<Acc>>(g, 1, launch, kernel_of, x, residual, y, finish,
                                                        a.epilogue.activation, a.epilogue.param))
         return;
@@ -1262,7 +1265,7 @@ void backward_impl(const BackwardArgs& a, const Launch& launch) {
     const GradSumsOp<T, N> op{in, mean, var, weight, bias, a.eps, {}};
     if constexpr (std::is_same_v<Index, int32_t>) {
       auto kernel_of = [](auto map) { return &persistent_backward_kernel<T, N, Index, decltype(map)::rows>; };
-      if (has_reduce && has_apply && persistent_wanted(g) &&
+      if (has_reduce && has_apply && persistent_wanted(g, true) &&
           launch_persistent<T, N, Index, GradSums<Acc>>(g, in.residual ? 3 : 2, launch, kernel_of, op, grad_input,
                                                         grad_residual, finish))
         return;

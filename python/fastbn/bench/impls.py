@@ -40,21 +40,21 @@ def native_batch_norm(*args, **kwargs):
 PERSISTENT_SWITCH = "FASTBN_CUDA_PERSISTENT"
 
 
-def _with_persistent_switch(value):
-    """fastbn with FASTBN_CUDA_PERSISTENT set to `value` around each call ("1": its persistent CUDA
-    kernels wherever the tensors fit; "0": the two-pass kernels; unset, fastbn chooses by shape).
-    Setting the variable costs a call a microsecond or two of host time."""
-    def batch_norm(*args, **kwargs):
+def _with_persistent_switch(value, step):
+    """step with FASTBN_CUDA_PERSISTENT set to `value` around it, the backward included ("1": fastbn's
+    persistent CUDA kernels wherever the tensors fit; "0": its two-pass kernels; unset, fastbn
+    chooses by shape). Setting the variable costs a call a microsecond or two of host time."""
+    def switched():
         before = os.environ.get(PERSISTENT_SWITCH)
         os.environ[PERSISTENT_SWITCH] = value
         try:
-            return fastbn_functional.batch_norm(*args, **kwargs)
+            return step()
         finally:
             if before is None:
                 del os.environ[PERSISTENT_SWITCH]
             else:
                 os.environ[PERSISTENT_SWITCH] = before
-    return batch_norm
+    return switched
 
 
 PEERS = ("torch", "torch_native", "inductor", "naive")
@@ -73,8 +73,8 @@ def batch_norm_fn(impl):
     """The batch_norm-like callable of an implementation (fresh compile cache for inductor)."""
     if impl == "fastbn":
         return fastbn_functional.batch_norm
-    if impl in FASTBN_PATHS:
-        return _with_persistent_switch(FASTBN_PATHS[impl])
+    if impl in FASTBN_PATHS:  # make_step sets the path around the whole step
+        return fastbn_functional.batch_norm
     if impl == "torch":
         return F.batch_norm
     if impl == "torch_native":
@@ -88,8 +88,14 @@ def batch_norm_fn(impl):
 
 def make_step(impl, op, fn, t):
     """A no-argument callable running `op` once with implementation `impl` on the tensors `t`."""
+    if impl in FASTBN_PATHS:
+        return _with_persistent_switch(FASTBN_PATHS[impl], _make_step(op, fn, t))
     if impl == "floor":  # one read and one write of the input, into a preallocated output
         return lambda: t["out"].copy_(t["x"])
+    return _make_step(op, fn, t)
+
+
+def _make_step(op, fn, t):
     if op == "train_fwd":
         return lambda: fn(t["x"], t["rm"], t["rv"], t["w"], t["b"], True)
     if op == "eval_fwd":  # inference, as models are run for it
