@@ -11,8 +11,9 @@ import sys
 
 import torch
 
-from fastbn.bench.cases import DTYPES, Case
+from fastbn.bench.cases import Case
 from fastbn.bench.impls import batch_norm_fn, make_step
+from fastbn.bench.runner import case_tensors
 
 CASES = [  # the slowest against torch/cuDNN in the first H200 run, and a large one
     ((32, 64, 56, 56), "nhwc", "float16"),
@@ -41,17 +42,6 @@ def short_name(kernel):
         elif depth == 0:
             out.append(ch)
     return "".join(out).split("::")[-1].strip() or kernel[:40]
-
-
-def tensors(case):
-    dtype = DTYPES[case.dtype]
-    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    fmt, c = case.memory_format(), case.shape[1]
-    x = torch.randn(case.shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
-    return {"x": x, "grad": torch.randn_like(x), "out": torch.empty_like(x),
-            "w": (torch.rand(c, device="cuda", dtype=param_dtype) + 0.5).requires_grad_(),
-            "b": torch.randn(c, device="cuda", dtype=param_dtype).requires_grad_(),
-            "rm": torch.zeros(c, device="cuda", dtype=param_dtype), "rv": torch.ones(c, device="cuda", dtype=param_dtype)}
 
 
 def kernel_times(step, steps):
@@ -83,7 +73,7 @@ def main():
           f"mean of {args.steps}, warm caches; kernels as name time xlaunches")
     for shape, layout, dtype in CASES:
         case = Case(shape, layout, dtype)
-        t = tensors(case)
+        t = case_tensors(case, "cuda")
         for op in OPS:
             print(f"\n{case.label} {op}")
             for impl in IMPLS:

@@ -358,8 +358,8 @@ def _kernels_run(fn):
 
 
 def _persistent_kernels_of_a_training_step(shape, layout, dtype):
-    """The persistent forward and backward kernels, and the two-pass reduce/finish kernels, that one
-    training step (forward and backward) runs."""
+    """The persistent forward and backward kernels, and the two-pass ones (reductions, finishing,
+    one-launch planes), that one training step (forward and backward) runs."""
     g = torch.Generator().manual_seed(stable_seed("persistent", shape, layout, str(dtype)))
     x = _leaf(_like_on_cuda(make_input(shape, dtype, layout, g)))
     weight, bias, _, _ = to("cuda", *_params(shape[1], dtype, g))

@@ -75,7 +75,9 @@ class Timer:
             self.sleep_cycles *= 2
 
 
-def _tensors(case, device):
+def case_tensors(case, device):
+    """The tensors a case's steps run on: input, grad, preallocated output, parameters and running
+    statistics (float32 parameters for 16-bit inputs)."""
     dtype = DTYPES[case.dtype]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     channels = case.shape[1]
@@ -104,7 +106,7 @@ def run_case(case, ops=OPS, impls=None, reps=15, device="cpu", flush=None, on_op
     try:
         torch._dynamo.reset()  # inductor compiles this case's shapes afresh, statically
         fns = {impl: batch_norm_fn(impl) for impl in impls if impl != "floor"}
-        t = _tensors(case, device)
+        t = case_tensors(case, device)
         records = []
         for op in ops:
             steps = {impl: make_step(impl, op, fns.get(impl), t) for impl in impls}
