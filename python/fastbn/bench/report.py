@@ -15,10 +15,12 @@ def table(records):
     """One line per (case, op): ms per implementation, fastbn's speed-up over the best peer and
     its time as a multiple of the floor (one copy of the input)."""
     impls = list(dict.fromkeys(r["impl"] for r in records))
-    head = f"{'case':<30} {'op':<14}" + "".join(f"{i:>10}" for i in impls) + f"{'vs best':>9}{'x floor':>9}"
+    width = {i: max(10, len(i) + 1) for i in impls}  # fastbn_persistent and the like need more than 10
+    head = f"{'case':<30} {'op':<14}" + "".join(f"{i:>{width[i]}}" for i in impls) + f"{'vs best':>9}{'x floor':>9}"
     lines = [head, "-" * len(head)]
     for (label, op), by_impl in _groups(records).items():
-        cells = "".join(f"{by_impl[i]['median_ms']:>10.3f}" if i in by_impl else f"{'-':>10}" for i in impls)
+        cells = "".join(f"{by_impl[i]['median_ms']:>{width[i]}.3f}" if i in by_impl else f"{'-':>{width[i]}}"
+                        for i in impls)
         ours = by_impl.get("fastbn")
         peers = [by_impl[p]["median_ms"] for p in PEERS if p in by_impl]
         speedup = f"{min(peers) / ours['median_ms']:>8.2f}x" if ours and peers else f"{'-':>9}"
