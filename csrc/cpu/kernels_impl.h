@@ -138,7 +138,6 @@ inline float horizontal_sum(__m256 v) {
   return sum;
 }
 
-
 // float_to_bfloat16 on 8 values (as 32-bit integers, the high half zero).
 inline __m256i round_to_bfloat16(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
