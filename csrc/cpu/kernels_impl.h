@@ -1068,11 +1068,52 @@ void add_rows(R* __restrict__ acc, R* __restrict__ acc2, int64_t m0, int64_t m1,
 }
 
 #ifdef FASTBN_HAS_F16C
-// add_rows over half values x[m][c], converted in registers: acc[c] += x[m][c], or, with Squares,
-// (x[m][c] - center[c])^2. The adds are add_rows' over the values as float, in the same order, so
-// the bits are those of a float loop over a converted copy, whose stores and reloads cost more
-// than the conversions: bfloat16 statistics (2048,768) 0.57 -> 0.46 ms, channels_last
-// (16,256,28,28) 0.86 -> 0.61 ms; float16 channels_last (32,256,14,14) 0.52 -> 0.37 ms.
+// One sum of add_rows over half values, converted in registers: acc[c] += f(m, c), with value8(m, c)
+// giving f for channels [c, c + 8) as a float vector and value(m, c) for one channel.
+template <typename Value8, typename Value>
+struct HalfRowSum {
+  float* __restrict__ acc;
+  Value8 value8;
+  Value value;
+};
+template <typename Value8, typename Value>
+HalfRowSum(float*, Value8, Value) -> HalfRowSum<Value8, Value>;
+
+// add_rows over half values for one or more sums at once, with add_rows' adds in add_rows' order,
+// so the bits are those of a float loop over the values as float; such loops converted value by
+// value with integer code, or through a converted copy whose stores and reloads cost more than the
+// conversions.
+template <typename Ahead, typename... Sums>
+void add_half_row_sums(int64_t m0, int64_t m1, int64_t C, Ahead ahead, Sums... sums) {
+  auto add8 = [](float* acc, __m256 v) { _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), v)); };
+  const RowQuarters rq(m0, m1);
+  const int64_t q = rq.quarter;
+  for (int64_t t = 0; t < rq.trips; ++t) {
+    const int64_t m = rq.first(t);
+    ahead(m0 + 4 * t, 4);
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      (add8(sums.acc + c, _mm256_add_ps(_mm256_add_ps(sums.value8(m, c), sums.value8(m + q, c)),
+                                        _mm256_add_ps(sums.value8(m + 2 * q, c), sums.value8(m + 3 * q, c)))),
+       ...);
+    }
+    for (; c < C; ++c) {
+      ((sums.acc[c] +=
+        (sums.value(m, c) + sums.value(m + q, c)) + (sums.value(m + 2 * q, c) + sums.value(m + 3 * q, c))),
+       ...);
+    }
+  }
+  for (int64_t m = rq.rest(); m < m1; ++m) {
+    ahead(m, 1);
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) (add8(sums.acc + c, sums.value8(m, c)), ...);
+    for (; c < C; ++c) ((sums.acc[c] += sums.value(m, c)), ...);
+  }
+}
+
+// The statistics' sums over half rows: acc[c] += x[m][c], or, with Squares, (x[m][c] - center[c])^2.
+// Against the float loop over a converted copy: bfloat16 statistics (2048,768) 0.57 -> 0.46 ms,
+// channels_last (16,256,28,28) 0.86 -> 0.61 ms; float16 channels_last (32,256,14,14) 0.52 -> 0.37 ms.
 template <Dtype D, bool Squares, typename Ahead>
 void add_half_rows(float* __restrict__ acc, const uint16_t* __restrict__ x, int64_t m0, int64_t m1, int64_t C,
                    const float* __restrict__ center, Ahead ahead) {
@@ -1088,35 +1129,14 @@ void add_half_rows(float* __restrict__ acc, const uint16_t* __restrict__ x, int6
     const __m256 d = _mm256_sub_ps(v, _mm256_loadu_ps(center + c));
     return _mm256_mul_ps(d, d);
   };
-  const RowQuarters rq(m0, m1);
-  const int64_t q = rq.quarter;
-  for (int64_t t = 0; t < rq.trips; ++t) {
-    const int64_t m = rq.first(t);
-    ahead(m0 + 4 * t, 4);
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8) {
-      const __m256 four = _mm256_add_ps(_mm256_add_ps(value8(m, c), value8(m + q, c)),
-                                        _mm256_add_ps(value8(m + 2 * q, c), value8(m + 3 * q, c)));
-      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), four));
-    }
-    for (; c < C; ++c) acc[c] += (value(m, c) + value(m + q, c)) + (value(m + 2 * q, c) + value(m + 3 * q, c));
-  }
-  for (int64_t m = rq.rest(); m < m1; ++m) {
-    ahead(m, 1);
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8) _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), value8(m, c)));
-    for (; c < C; ++c) acc[c] += value(m, c);
-  }
+  add_half_row_sums(m0, m1, C, ahead, HalfRowSum{acc, value8, value});
 }
-#endif
 
-#ifdef FASTBN_HAS_F16C
-// Plain BatchNorm's backward sums over half rows, converted in registers: sum_g[c] += dy[m][c] and
-// sum_g_xmu[c] += dy[m][c] * (x[m][c] - mean[c]). The adds are the two-sum add_rows' over the values
-// as float, in the same order, so the bits are those of its loop, which converted value by value
-// with integer code: float16 channels_last (16,256,28,28), cold, build against build: the sums
-// 1.07-1.13 -> 0.62-0.73 ms, the whole backward 1.64-1.72 -> 1.21-1.41; bfloat16, whose integer
-// conversion is a shift that GCC vectorizes as well, within the noise.
+// Plain BatchNorm's backward sums over half rows: sum_g[c] += dy[m][c] and sum_g_xmu[c] +=
+// dy[m][c] * (x[m][c] - mean[c]), the two-sum add_rows' adds. Against its loop, which converted
+// value by value with integer code: float16 channels_last (16,256,28,28), cold, build against
+// build: the sums 1.07-1.13 -> 0.62-0.73 ms, the whole backward 1.64-1.72 -> 1.21-1.41; bfloat16,
+// whose integer conversion is a shift that GCC vectorizes as well, within the noise.
 template <Dtype D>
 void add_half_grad_rows(float* __restrict__ sum_g, float* __restrict__ sum_g_xmu, const uint16_t* __restrict__ dy,
                         const uint16_t* __restrict__ x, int64_t m0, int64_t m1, int64_t C,
@@ -1127,34 +1147,7 @@ void add_half_grad_rows(float* __restrict__ sum_g, float* __restrict__ sum_g_xmu
   auto gx8 = [&](int64_t m, int64_t c) {
     return _mm256_mul_ps(g8(m, c), _mm256_sub_ps(load8<D>(x + m * C + c), _mm256_loadu_ps(mean + c)));
   };
-  auto add8 = [](float* acc, __m256 v) { _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), v)); };
-  const RowQuarters rq(m0, m1);
-  const int64_t q = rq.quarter;
-  for (int64_t t = 0; t < rq.trips; ++t) {
-    const int64_t m = rq.first(t);
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8) {
-      add8(sum_g + c,
-           _mm256_add_ps(_mm256_add_ps(g8(m, c), g8(m + q, c)), _mm256_add_ps(g8(m + 2 * q, c), g8(m + 3 * q, c))));
-      add8(sum_g_xmu + c,
-           _mm256_add_ps(_mm256_add_ps(gx8(m, c), gx8(m + q, c)), _mm256_add_ps(gx8(m + 2 * q, c), gx8(m + 3 * q, c))));
-    }
-    for (; c < C; ++c) {
-      sum_g[c] += (g(m, c) + g(m + q, c)) + (g(m + 2 * q, c) + g(m + 3 * q, c));
-      sum_g_xmu[c] += (gx(m, c) + gx(m + q, c)) + (gx(m + 2 * q, c) + gx(m + 3 * q, c));
-    }
-  }
-  for (int64_t m = rq.rest(); m < m1; ++m) {
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8) {
-      add8(sum_g + c, g8(m, c));
-      add8(sum_g_xmu + c, gx8(m, c));
-    }
-    for (; c < C; ++c) {
-      sum_g[c] += g(m, c);
-      sum_g_xmu[c] += gx(m, c);
-    }
-  }
+  add_half_row_sums(m0, m1, C, [](int64_t, int64_t) {}, HalfRowSum{sum_g, g8, g}, HalfRowSum{sum_g_xmu, gx8, gx});
 }
 #endif
 
