@@ -1135,7 +1135,7 @@ void with_pack_and_index(int n, int64_t numel, Fn&& fn) {
   if (n == kVector) {
     if (narrow) fn(PackSize<kVector>{}, int32_t{});
     else fn(PackSize<kVector>{}, int64_t{});
-  } else if (kNarrowVector > 1 && n == kNarrowVector && narrow) {
+  } else if (n == kNarrowVector && narrow) {  // never for 4- and 8-byte types (kNarrowVector 0)
     if constexpr (kNarrowVector > 1) fn(PackSize<kNarrowVector>{}, int32_t{});
   } else {
     if (narrow) fn(PackSize<1>{}, int32_t{});
