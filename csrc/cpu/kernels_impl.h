@@ -110,7 +110,7 @@ constexpr int kHalfRounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  //
 // The float vector of the in-register half loops, the instruction set's widest: 16 floats in the
 // AVX-512 table, 8 in AVX2's. The half passes spend much of their time converting, so 512-bit
 // lanes, half the instructions per value, pay: bfloat16 channels_last training forward and backward
-// 5-20% faster than the AVX2 table with cold caches, 13-29% with warm ones, where the AVX-512
+// 6-22% faster than the AVX2 table with cold caches, up to 29% with warm ones, where the AVX-512
 // table's 256-bit loops had been as fast as AVX2's (same process, tables alternating).
 #if FASTBN_VECTOR_BYTES == 64
 using Lanes = __m512;
