@@ -203,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   Tensor grad_input = output_mask[0] ? in.new_output() : at::empty({0}, in.x.options());
   Tensor grad_weight = in.new_channel_stat(output_mask[1] ? channels : 0);
   Tensor grad_bias = in.new_channel_stat(output_mask[2] ? channels : 0);
-  Tensor grad_residual = output_mask[3] ? in.new_output() : at::empty({0}, in.x.options());
+  Tensor grad_residual = output_mask[3] ? in.new_output() : Tensor();  // only batch_norm_act_backward returns it
   const Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   const Tensor m = param_as_acc(mean, in.x), v = param_as_acc(var, in.x);
   const Tensor gm = param_as_acc(mean_dy, in.x), gx = param_as_acc(mean_dy_xhat, in.x);
@@ -245,8 +245,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
     const Tensor& grad_output, const Tensor& saved, bool saved_is_output, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& residual, const Tensor& mean, const Tensor& var, double eps,
     bool training, int64_t activation, double param, std::array<bool, 4> output_mask) {
-  return backward<Backend>(grad_output, saved, saved_is_output, weight, bias, residual, mean, var, eps, training,
-                           activation, param, output_mask);
+  auto grads = backward<Backend>(grad_output, saved, saved_is_output, weight, bias, residual, mean, var, eps, training,
+                                 activation, param, output_mask);
+  if (!output_mask[3]) std::get<3>(grads) = at::empty({0}, saved.options());
+  return grads;
 }
 
 // SyncBatchNorm's input gradient: the training backward fed the global means of dy and dy * x_hat.

@@ -65,8 +65,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     """batch_norm plus what the modules need: momentum=None (cumulative average over
     num_batches_tracked) and the num_batches_tracked counter, updated by the same op; with an
     epilogue (residual, activation code, parameter, memory_efficient), the fused ops."""
-    count = _values_per_channel(input.size())
     if training:
+        count = _values_per_channel(input.size())
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         if eps <= 0.0:
