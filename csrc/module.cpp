@@ -30,6 +30,7 @@ py::dict build_info() {
 #endif
   info["simd"] = fastbn::cpu::active_kernels().simd;
   info["cpu_channel_group_bytes"] = fastbn::cpu::channel_group_bytes();
+  info["cpu_min_group_plane_bytes"] = fastbn::cpu::min_group_plane_bytes();
   info["cpu_streaming_store_bytes"] = fastbn::cpu::streaming_store_bytes();
   return info;
 }

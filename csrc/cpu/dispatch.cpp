@@ -103,6 +103,15 @@ int64_t channel_group_bytes() { return group_bytes().load(std::memory_order_rela
 
 int64_t set_channel_group_bytes(int64_t bytes) { return group_bytes().exchange(std::max<int64_t>(0, bytes)); }
 
+int64_t min_group_plane_bytes() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const int64_t bytes = __builtin_cpu_is("amd") ? 256 : 0;
+#else
+  static const int64_t bytes = 0;
+#endif
+  return bytes;
+}
+
 const KernelTable& active_kernels() { return *current().load(std::memory_order_acquire); }
 
 bool set_simd(const char* name) {

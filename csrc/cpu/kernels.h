@@ -30,6 +30,9 @@ bool set_simd(const char* name);
 int64_t channel_group_bytes();
 // Sets it (tests compare the one-read and two-pass paths); returns the previous value.
 int64_t set_channel_group_bytes(int64_t bytes);
+// Planes (one channel's run of H x W values) shorter than this many bytes take the two passes even
+// where a group fits: 256 (7x7 float32 and smaller) on AMD CPUs, 0 elsewhere (channels_per_group).
+int64_t min_group_plane_bytes();
 
 // Outputs of at least this many bytes are written with non-temporal (streaming) stores by the
 // plain BatchNorm passes of the AVX2 and AVX-512 tables. Default: a quarter of the last-level cache

@@ -1048,11 +1048,15 @@ void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn, Stret
 // faster than two passes). Returns the channels per group, or 0 for the two passes over memory
 // (reduce_planes, then for_planes_in_memory_order, which spread every channel over the threads):
 // where a slice is too big, where there are fewer channels than threads, and for planes under
-// 256 bytes (7x7), whose passes are bound by their per-run work rather than by memory and measured
-// no faster (16-bit: 5-15% slower) in groups.
+// min_group_plane_bytes(). Planes under 256 bytes (7x7 float32 and smaller) are bound by their
+// per-run work more than by memory: on an AMD EPYC (512 KB L2) groups measured no faster there
+// (16-bit: 5-15% slower); on an Intel Xeon (Sapphire Rapids, 2 MB L2), where the second pass
+// otherwise reads L3 or DRAM, they were faster at every size tried, 2 threads, cold, medians of 4-6
+// alternating runs: backward 10% (float32 (16,512,7,7)) to 34% (bfloat16 (32,2048,7,7)), training
+// forward 3-19%; (64,512,4,4) and (16,256,5,5) 4-16%.
 int64_t channels_per_group(const Geometry& g, int64_t value_bytes, int64_t tensors_read, int num_threads) {
   const int64_t budget = channel_group_bytes(), slice = g.outer * g.inner * value_bytes * tensors_read;
-  if (g.inner * value_bytes < 256 || slice == 0 || slice > budget || g.channels < num_threads) return 0;
+  if (g.inner * value_bytes < min_group_plane_bytes() || slice == 0 || slice > budget || g.channels < num_threads) return 0;
   return std::min(budget / slice, ceil_div(g.channels, num_threads));
 }
 
