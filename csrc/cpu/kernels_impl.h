@@ -962,12 +962,17 @@ struct PlaneBlocks {
 
 // Rows per block: 2, unless the runs are so short that a block would have fewer than
 // min_block_elems values. Every row is one more concurrent stream for the prefetchers, times the
-// tensors a pass reads: the forward's reduction (one tensor) is fastest with blocks of >= 256 values,
-// the backward's (two tensors, three with a residual, plus the residual's gradient written) with 2
-// rows whatever the plane size (measured on 7x7 and 4x4 planes: 1.2-1.6x faster than 256 values).
+// tensors a pass reads: the forward's reduction (one tensor) is fastest with blocks of >= 256 values.
+// The backward's (two tensors, three with a residual, plus the residual's gradient written) was
+// fastest in two passes with 2 rows whatever the plane size (AMD EPYC, 7x7 and 4x4 planes: 1.2-1.6x
+// faster than 256 values). Where small planes go through the one-read groups instead (all but AMD
+// CPUs, min_group_plane_bytes), memory streams are the groups' and a block's fixed costs (its sums
+// set up, added across lanes and merged) dominate 98-value blocks: on the Xeon VM 256 values made
+// float32 (16,512,7,7)'s backward 0.42 -> 0.33 ms (1 thread, warm; torch's 0.29-0.32) and, cold on
+// 2 threads, 3-23% faster over (16|32, 512|2048, 7, 7) in float32 and bfloat16.
 constexpr int64_t kMaxStreams = 2;
 constexpr int64_t kForwardMinBlockElems = 256;
-constexpr int64_t kBackwardMinBlockElems = 0;
+int64_t backward_min_block_elems() { return min_group_plane_bytes() > 0 ? 0 : 256; }
 
 PlaneBlocks plane_blocks(const Geometry& g, int64_t min_block_elems) {
   PlaneBlocks pb{g.outer, g.channels, g.inner, 1, g.inner, 1, 1};
@@ -1885,7 +1890,7 @@ void backward_impl(const BackwardArgs& a) {
   };
 
   if (g.inner > 1) {
-    const PlaneBlocks pb = plane_blocks(g, kBackwardMinBlockElems);
+    const PlaneBlocks pb = plane_blocks(g, backward_min_block_elems());
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
       const BlockRange r = block_range(pb, b);
       const R mean = affine.mean[c], scale = affine.scale[c], bias = affine.bias[c], inv = inv_scale[c], p = param;
