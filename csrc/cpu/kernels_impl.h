@@ -1061,7 +1061,8 @@ void for_planes_in_memory_order(const Geometry& g, int num_threads, Fn fn, Stret
 // forward 3-19%; (64,512,4,4) and (16,256,5,5) 4-16%.
 int64_t channels_per_group(const Geometry& g, int64_t value_bytes, int64_t tensors_read, int num_threads) {
   const int64_t budget = channel_group_bytes(), slice = g.outer * g.inner * value_bytes * tensors_read;
-  if (g.inner * value_bytes < min_group_plane_bytes() || slice == 0 || slice > budget || g.channels < num_threads) return 0;
+  if (g.inner * value_bytes < min_group_plane_bytes() || slice == 0 || slice > budget || g.channels < num_threads)
+    return 0;
   return std::min(budget / slice, ceil_div(g.channels, num_threads));
 }
 
