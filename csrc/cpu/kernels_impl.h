@@ -967,7 +967,7 @@ struct PlaneBlocks {
 // fastest in two passes with 2 rows whatever the plane size (AMD EPYC, 7x7 and 4x4 planes: 1.2-1.6x
 // faster than 256 values). Where small planes go through the one-read groups instead (all but AMD
 // CPUs, min_group_plane_bytes), memory streams are the groups' and a block's fixed costs (its sums
-// set up, added across lanes and merged) dominate 98-value blocks: on the Xeon VM 256 values made
+// zeroed, added across lanes and merged) weigh on 98-value blocks: on the Xeon VM 256 values made
 // float32 (16,512,7,7)'s backward 0.42 -> 0.33 ms (1 thread, warm; torch's 0.29-0.32) and, cold on
 // 2 threads, 3-23% faster over (16|32, 512|2048, 7, 7) in float32 and bfloat16.
 constexpr int64_t kMaxStreams = 2;
