@@ -32,20 +32,25 @@ const KernelTable* table_named(const char* simd) {
   return std::strcmp(simd, "baseline") == 0 ? &kernels_baseline() : nullptr;
 }
 
+// Whether this is an AMD CPU, where two measured choices differ (the table order below, and
+// min_group_plane_bytes).
+bool amd_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 // The kernels are memory-bound, so wider vectors buy nothing once a core saturates its bandwidth.
 // AMD's Zen 4 runs AVX-512 as two 256-bit halves, and on it the AVX2 kernels measured equal or up to
 // 5-10% faster (fewer cache-line-splitting accesses on unaligned planes), so AMD gets AVX2 first.
 const KernelTable* best_table() {
   if (const char* forced = std::getenv("FASTBN_SIMD"))
     if (const KernelTable* t = table_named(forced)) return t;
-#if defined(__x86_64__) || defined(__i386__)
-  const bool amd = __builtin_cpu_is("amd");
-#else
-  const bool amd = false;
-#endif
   static const char* const amd_order[] = {"avx2", "avx512", "baseline"};
   static const char* const default_order[] = {"avx512", "avx2", "baseline"};
-  for (const char* simd : amd ? amd_order : default_order)
+  for (const char* simd : amd_cpu() ? amd_order : default_order)
     if (const KernelTable* t = table_named(simd)) return t;
   return &kernels_baseline();
 }
@@ -104,11 +109,7 @@ int64_t channel_group_bytes() { return group_bytes().load(std::memory_order_rela
 int64_t set_channel_group_bytes(int64_t bytes) { return group_bytes().exchange(std::max<int64_t>(0, bytes)); }
 
 int64_t min_group_plane_bytes() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const int64_t bytes = __builtin_cpu_is("amd") ? 256 : 0;
-#else
-  static const int64_t bytes = 0;
-#endif
+  static const int64_t bytes = amd_cpu() ? 256 : 0;
   return bytes;
 }
 
