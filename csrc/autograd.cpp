@@ -1,13 +1,12 @@
-// Autograd of the plain BatchNorm ops (batch_norm_train, batch_norm_eval), for every backend.
+// Autograd of the fastbn ops (batch_norm_train, batch_norm_eval and their fused forms
+// batch_norm_act_*), for every backend.
 //
 // In C++ rather than through torch.library.register_autograd in Python: that path measured 30 us
 // per call on top of the kernel (a training forward of a tiny tensor: 52 us with inputs that
-// require grad, 23 us without), more than a small layer's kernels take, on a GPU above all. The
-// fused ops (batch_norm_act_*) keep their Python autograd in python/fastbn/_ops.py, where the
-// memory-efficient mode's channel bookkeeping is easier to follow.
+// require grad, 23 us without), more than a small layer's kernels take, on a GPU above all.
 //
 // torch.compile traces through these the way it traces any C++ autograd kernel: the forward
-// redispatches to the op (the fake kernel under tracing) and the backward calls batch_norm_backward.
+// redispatches to the op (the fake kernel under tracing) and the backward calls the backward op.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -24,13 +23,15 @@ using std::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // The ops below autograd, looked up once.
 Tensors3 batch_norm_train(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
                           double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastbn::batch_norm_train", "")
-                             .typed<Tensors3(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, double)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastbn::batch_norm_train", "")
+          .typed<Tensors3(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, double)>();
   return op.call(input, weight, bias, eps);
 }
 
@@ -54,49 +55,105 @@ Tensors3 batch_norm_backward(const Tensor& grad_output, const Tensor& input, con
   return op.call(grad_output, input, weight, mean, var, eps, training, output_mask);
 }
 
-// What both forwards save besides tensors: eps and the parameters' dtypes (the kernels return
+Tensors3 batch_norm_act_train(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                              const optional<Tensor>& residual, double eps, int64_t activation, double param,
+                              bool memory_efficient) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastbn::batch_norm_act_train", "")
+                             .typed<Tensors3(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                                             const optional<Tensor>&, double, int64_t, double, bool)>();
+  return op.call(input, weight, bias, residual, eps, activation, param, memory_efficient);
+}
+
+Tensor batch_norm_act_eval(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                           const optional<Tensor>& residual, const Tensor& running_mean, const Tensor& running_var,
+                           double eps, int64_t activation, double param, bool memory_efficient) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastbn::batch_norm_act_eval", "")
+          .typed<Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                        const Tensor&, const Tensor&, double, int64_t, double, bool)>();
+  return op.call(input, weight, bias, residual, running_mean, running_var, eps, activation, param, memory_efficient);
+}
+
+Tensors4 batch_norm_act_backward(const Tensor& grad_output, const Tensor& saved, bool saved_is_output,
+                                 const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                 const optional<Tensor>& residual, const Tensor& mean, const Tensor& var, double eps,
+                                 bool training, int64_t activation, double param, std::array<bool, 4> output_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastbn::batch_norm_act_backward", "")
+          .typed<Tensors4(const Tensor&, const Tensor&, bool, const optional<Tensor>&, const optional<Tensor>&,
+                          const optional<Tensor>&, const Tensor&, const Tensor&, double, bool, int64_t, double,
+                          std::array<bool, 4>)>();
+  return op.call(grad_output, saved, saved_is_output, weight, bias, residual, mean, var, eps, training, activation,
+                 param, output_mask);
+}
+
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+Tensor or_undefined(const optional<Tensor>& t) { return given(t) ? *t : Tensor(); }
+optional<Tensor> or_nullopt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
+
+// What every forward saves besides tensors: eps and the parameters' dtypes (the kernels return
 // parameter grads in the accumulation dtype; they go back in the parameters' own).
 void save_scalars(AutogradContext* ctx, const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
-  auto dtype_of = [](const optional<Tensor>& t) {
-    return t.has_value() && t->defined() ? int64_t(t->scalar_type()) : int64_t(-1);
-  };
+  auto dtype_of = [](const optional<Tensor>& t) { return given(t) ? int64_t(t->scalar_type()) : int64_t(-1); };
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["weight_dtype"] = dtype_of(weight);
   ctx->saved_data["bias_dtype"] = dtype_of(bias);
 }
 
-// Which of (input, weight, bias) need a grad. needs_input_grad counts the tensors the forward was
-// given, an absent weight or bias not among them, rather than argument positions.
-std::array<bool, 3> grads_needed(AutogradContext* ctx) {
-  const bool has_weight = ctx->saved_data["weight_dtype"].toInt() >= 0;
-  const bool has_bias = ctx->saved_data["bias_dtype"].toInt() >= 0;
+// Which of the differentiable arguments (input, weight, bias[, residual]) need a grad, of those
+// `present`. needs_input_grad counts the tensors the forward was given, an absent optional not
+// among them, rather than argument positions.
+template <size_t K>
+std::array<bool, K> grads_needed(AutogradContext* ctx, const std::array<bool, K>& present) {
+  std::array<bool, K> needed{};
   size_t tensor = 0;
-  const bool input = ctx->needs_input_grad(tensor++);
-  const bool weight = has_weight && ctx->needs_input_grad(tensor++);
-  const bool bias = has_bias && ctx->needs_input_grad(tensor);
-  return {input, weight, bias};
+  for (size_t i = 0; i < K; ++i) needed[i] = present[i] && ctx->needs_input_grad(tensor++);
+  return needed;
 }
 
-// Saved tensors: input, weight (undefined when absent), and the statistics normalized with.
-variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, bool training, size_t num_inputs) {
-  const variable_list saved = ctx->get_saved_variables();
-  const std::array<bool, 3> mask = grads_needed(ctx);
-  const optional<Tensor> weight = saved[1].defined() ? optional<Tensor>(saved[1]) : std::nullopt;
-  // Without create_graph nothing records these grads: the call goes below autograd, past the
-  // fallback that would check every argument for one that requires grad.
-  optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-  if (!at::GradMode::is_enabled()) below_autograd.emplace();
-  auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
-      grad_output, saved[0], weight, saved[2], saved[3], ctx->saved_data["eps"].toDouble(), training, mask);
+std::array<bool, 3> params_present(AutogradContext* ctx) {
+  return {true, ctx->saved_data["weight_dtype"].toInt() >= 0, ctx->saved_data["bias_dtype"].toInt() >= 0};
+}
+
+// The grads in the forward's argument positions (num_inputs of them), those not needed undefined,
+// the parameters' (positions 1 and 2) in the parameters' own dtypes.
+template <size_t K>
+variable_list grads_by_position(AutogradContext* ctx, size_t num_inputs, const std::array<bool, K>& needed,
+                                const std::array<Tensor, K>& grads) {
   auto in_dtype = [&](const Tensor& grad, const char* key) {
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
     return grad.scalar_type() == dtype ? grad : grad.to(dtype);
   };
-  variable_list grads(num_inputs);  // undefined: no grad (statistics, eps)
-  if (mask[0]) grads[0] = grad_input;
-  if (mask[1]) grads[1] = in_dtype(grad_weight, "weight_dtype");
-  if (mask[2]) grads[2] = in_dtype(grad_bias, "bias_dtype");
-  return grads;
+  variable_list out(num_inputs);  // undefined: no grad (statistics, scalars)
+  for (size_t i = 0; i < K; ++i)
+    if (needed[i]) out[i] = i == 1 ? in_dtype(grads[i], "weight_dtype")
+                          : i == 2 ? in_dtype(grads[i], "bias_dtype")
+                                   : grads[i];
+  return out;
+}
+
+// Without create_graph nothing records the backward's grads: its op is called below autograd,
+// past the fallback that would check every argument for one that requires grad.
+struct BelowAutogradUnlessRecording {
+  optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  BelowAutogradUnlessRecording() {
+    if (!at::GradMode::is_enabled()) guard.emplace();
+  }
+};
+
+// Plain BatchNorm. Saved tensors: input, weight (undefined when absent), and the statistics
+// normalized with.
+variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, bool training, size_t num_inputs) {
+  const variable_list saved = ctx->get_saved_variables();
+  const std::array<bool, 3> needed = grads_needed(ctx, params_present(ctx));
+  const BelowAutogradUnlessRecording below_autograd;
+  auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
+      grad_output, saved[0], or_nullopt(saved[1]), saved[2], saved[3], ctx->saved_data["eps"].toDouble(), training,
+      needed);
+  return grads_by_position<3>(ctx, num_inputs, needed, {grad_input, grad_weight, grad_bias});
 }
 
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
@@ -105,7 +162,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                const optional<Tensor>& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, mean, var] = batch_norm_train(input, weight, bias, eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var});
+    ctx->save_for_backward({input, or_undefined(weight), mean, var});
     save_scalars(ctx, weight, bias, eps);
     // The statistics feed the running averages and the backward; they are not differentiated.
     ctx->mark_non_differentiable({mean, var});
@@ -123,7 +180,7 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
                                double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor output = batch_norm_eval(input, weight, bias, running_mean, running_var, eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), running_mean, running_var});
+    ctx->save_for_backward({input, or_undefined(weight), running_mean, running_var});
     save_scalars(ctx, weight, bias, eps);
     return {output};
   }
@@ -131,6 +188,108 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
     return backward_of(ctx, grad_outputs[0], /*training=*/false, 6);
   }
 };
+
+// ---- the fused ops: act(BN(input) + residual) ------------------------------------------------
+//
+// Standard mode saves the input (and the residual, to recompute the pre-activation). Memory-
+// efficient mode saves the output instead, from which the backward recovers x = (act^-1(y) - bias
+// - residual) / scale + mean. Where |weight| is 0, or small next to |bias| (the recovery would
+// lose more than 4 bits), that channel's input is kept as well and its grads are computed from it.
+constexpr double kRecoveryMargin = 16.0;
+
+// The channels whose input memory-efficient mode keeps (undefined when none).
+Tensor kept_channels(const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  if (!given(weight)) return Tensor();  // the scale is invstd, never 0
+  Tensor small = weight->eq(0);
+  if (given(bias)) small = small.logical_or(bias->abs().gt(weight->abs().mul(kRecoveryMargin)));
+  Tensor kept = small.nonzero().flatten();
+  return kept.numel() > 0 ? kept : Tensor();
+}
+
+// Which channels keep their input depends on the weight's values, which a traced graph cannot
+// size: under torch.compile (fake or functional tensors, both Python-dispatched) and on the meta
+// device memory-efficient mode saves the input, as standard mode does.
+bool traced(const Tensor& t) { return t.is_meta() || t.key_set().has(c10::DispatchKey::Python); }
+
+// Saved tensors: the input or the output, weight, bias, residual (undefined when absent), the
+// statistics normalized with, the kept channels and their input (undefined when none).
+void save_fused(AutogradContext* ctx, const Tensor& input, const Tensor& output, const optional<Tensor>& weight,
+                const optional<Tensor>& bias, const optional<Tensor>& residual, const Tensor& mean, const Tensor& var,
+                double eps, int64_t activation, double param, bool memory_efficient) {
+  const bool recover = memory_efficient && !traced(input);
+  const Tensor kept = recover ? kept_channels(weight, bias) : Tensor();
+  ctx->save_for_backward({recover ? output : input, or_undefined(weight), or_undefined(bias), or_undefined(residual),
+                          mean, var, kept, kept.defined() ? input.index_select(1, kept) : Tensor()});
+  save_scalars(ctx, weight, bias, eps);
+  ctx->saved_data["activation"] = activation;
+  ctx->saved_data["param"] = param;
+  ctx->saved_data["recover"] = recover;
+  ctx->saved_data["has_residual"] = given(residual);
+}
+
+variable_list fused_backward_of(AutogradContext* ctx, const Tensor& grad_output, bool training, size_t num_inputs) {
+  const variable_list saved = ctx->get_saved_variables();
+  const auto [_, has_weight, has_bias] = params_present(ctx);
+  const std::array<bool, 4> needed =
+      grads_needed<4>(ctx, {true, has_weight, has_bias, ctx->saved_data["has_residual"].toBool()});
+  const double eps = ctx->saved_data["eps"].toDouble(), param = ctx->saved_data["param"].toDouble();
+  const int64_t activation = ctx->saved_data["activation"].toInt();
+  const Tensor &weight = saved[1], &bias = saved[2], &residual = saved[3], &mean = saved[4], &var = saved[5];
+  const Tensor &kept = saved[6], &kept_input = saved[7];
+  const BelowAutogradUnlessRecording below_autograd;
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      batch_norm_act_backward(grad_output, saved[0], ctx->saved_data["recover"].toBool(), or_nullopt(weight),
+                              or_nullopt(bias), or_nullopt(residual), mean, var, eps, training, activation, param,
+                              needed);
+  std::array<Tensor, 4> grads{grad_input, grad_weight, grad_bias, grad_residual};
+  if (kept.defined()) {  // those channels again, from their input
+    auto pick = [&](const Tensor& t, int64_t dim) { return or_nullopt(t.defined() ? t.index_select(dim, kept) : t); };
+    auto [gi, gw, gb, gr] = batch_norm_act_backward(
+        grad_output.index_select(1, kept), kept_input, false, pick(weight, 0), pick(bias, 0), pick(residual, 1),
+        mean.index_select(0, kept), var.index_select(0, kept), eps, training, activation, param, needed);
+    const std::array<Tensor, 4> part{gi, gw, gb, gr};
+    for (size_t k = 0; k < 4; ++k)
+      if (needed[k]) grads[k] = grads[k].index_copy(grads[k].dim() == 1 ? 0 : 1, kept, part[k]);
+  }
+  return grads_by_position<4>(ctx, num_inputs, needed, grads);
+}
+
+class FusedTrainFunction : public torch::autograd::Function<FusedTrainFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, const optional<Tensor>& residual, double eps,
+                               int64_t activation, double param, bool memory_efficient) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, mean, var] =
+        batch_norm_act_train(input, weight, bias, residual, eps, activation, param, memory_efficient);
+    save_fused(ctx, input, output, weight, bias, residual, mean, var, eps, activation, param, memory_efficient);
+    ctx->mark_non_differentiable({mean, var});
+    return {output, mean, var};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return fused_backward_of(ctx, grad_outputs[0], /*training=*/true, 8);
+  }
+};
+
+class FusedEvalFunction : public torch::autograd::Function<FusedEvalFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, const optional<Tensor>& residual,
+                               const Tensor& running_mean, const Tensor& running_var, double eps, int64_t activation,
+                               double param, bool memory_efficient) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor output = batch_norm_act_eval(input, weight, bias, residual, running_mean, running_var, eps, activation,
+                                        param, memory_efficient);
+    save_fused(ctx, input, output, weight, bias, residual, running_mean, running_var, eps, activation, param,
+               memory_efficient);
+    return {output};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return fused_backward_of(ctx, grad_outputs[0], /*training=*/false, 10);
+  }
+};
+
+// ---- the autograd kernels ----------------------------------------------------------------------
 
 // Whether a call must go through its Function to record a graph node. Function::apply builds the
 // node, its context and the saved scalars even when nothing needs a grad. Skipping them saves a
@@ -145,7 +304,7 @@ bool needs_graph(const Tensors&... tensors) {
 
 Tensors3 batch_norm_train_autograd(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                    double eps) {
-  if (!needs_graph(input, weight.value_or(Tensor()), bias.value_or(Tensor()))) {
+  if (!needs_graph(input, or_undefined(weight), or_undefined(bias))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return batch_norm_train(input, weight, bias, eps);
   }
@@ -155,11 +314,37 @@ Tensors3 batch_norm_train_autograd(const Tensor& input, const optional<Tensor>& 
 
 Tensor batch_norm_eval_autograd(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                 const Tensor& running_mean, const Tensor& running_var, double eps) {
-  if (!needs_graph(input, weight.value_or(Tensor()), bias.value_or(Tensor()), running_mean, running_var)) {
+  if (!needs_graph(input, or_undefined(weight), or_undefined(bias), running_mean, running_var)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return batch_norm_eval(input, weight, bias, running_mean, running_var, eps);
   }
   return EvalFunction::apply(input, weight, bias, running_mean, running_var, eps)[0];
+}
+
+Tensors3 batch_norm_act_train_autograd(const Tensor& input, const optional<Tensor>& weight,
+                                       const optional<Tensor>& bias, const optional<Tensor>& residual, double eps,
+                                       int64_t activation, double param, bool memory_efficient) {
+  if (!needs_graph(input, or_undefined(weight), or_undefined(bias), or_undefined(residual))) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return batch_norm_act_train(input, weight, bias, residual, eps, activation, param, memory_efficient);
+  }
+  const variable_list out =
+      FusedTrainFunction::apply(input, weight, bias, residual, eps, activation, param, memory_efficient);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor batch_norm_act_eval_autograd(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                    const optional<Tensor>& residual, const Tensor& running_mean,
+                                    const Tensor& running_var, double eps, int64_t activation, double param,
+                                    bool memory_efficient) {
+  if (!needs_graph(input, or_undefined(weight), or_undefined(bias), or_undefined(residual), running_mean,
+                   running_var)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return batch_norm_act_eval(input, weight, bias, residual, running_mean, running_var, eps, activation, param,
+                               memory_efficient);
+  }
+  return FusedEvalFunction::apply(input, weight, bias, residual, running_mean, running_var, eps, activation, param,
+                                  memory_efficient)[0];
 }
 
 }  // namespace
@@ -167,6 +352,8 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const optional<Tensor>& wei
 TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
   m.impl("batch_norm_train", &batch_norm_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("batch_norm_act_train", &batch_norm_act_train_autograd);
+  m.impl("batch_norm_act_eval", &batch_norm_act_eval_autograd);
 }
 
 }  // namespace fastbn

@@ -1,6 +1,6 @@
 // The fastbn operator schemas, declared once. Implementations are registered per backend
 // (cpu/batch_norm_cpu.cpp, cuda/batch_norm_cuda.cpp); autograd of the plain ops in autograd.cpp;
-// fake kernels and the fused ops' autograd in python/fastbn/_ops.py.
+// fake kernels in python/fastbn/_ops.py.
 //
 // The ops are functional so that autograd and torch.compile handle them: the training
 // forward returns the batch statistics and a separate mutating op folds them into the running

@@ -113,7 +113,8 @@ def test_cli_fused_case(tmp_path, capsys):
 
 def test_cli_overhead_mode(capsys):
     records = main(["--overhead", "--reps", "2"])
-    assert {(r["op"], r["impl"]) for r in records} == {(op, impl) for op in ("train_fwd", "train_fwd_bwd", "eval_fwd")
-                                                       for impl in ("torch", "fastbn")}
+    assert {(r["module"], r["op"], r["impl"]) for r in records} == {
+        (module, op, impl) for module in ("BatchNorm2d", "BatchNorm2d+ReLU")
+        for op in ("train_fwd", "train_fwd_bwd", "eval_fwd") for impl in ("torch", "fastbn")}
     assert all(r["median_ms"] > 0 for r in records)
     assert "fastbn / torch" in capsys.readouterr().out

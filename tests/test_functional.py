@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbn.functional import batch_norm
+from fastbn.functional import batch_norm, batch_norm_act
 from conftest import (DTYPE_IDS, DTYPES, assert_close_to_reference, input_grad_scale, make_input, param_dtype_for,
                       shape_id, shape_layouts, stable_seed)
 
@@ -128,39 +128,51 @@ def test_grads_for_every_mix_of_given_and_trained_parameters(training, input_gra
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=f"grad_{name}")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("why", ["nothing-requires-grad", "no_grad", "inference_mode"])
-def test_calls_without_a_graph_record_none(training, why):
+def test_calls_without_a_graph_record_none(training, why, fused):
     """Where nothing needs a grad the op skips its autograd node (a per-call saving): the output is
     torch's, carries no grad_fn, and a later call that does need one still gets it."""
-    g = torch.Generator().manual_seed(stable_seed(training, why))
+    g = torch.Generator().manual_seed(stable_seed(training, why, fused))
     x = torch.randn(6, 5, 4, 3, generator=g, dtype=torch.float64)
+    residual = torch.randn(6, 5, 4, 3, generator=g, dtype=torch.float64)
     weight = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     bias = torch.randn(5, generator=g, dtype=torch.float64)
     stats = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     tracked = why != "nothing-requires-grad"
-    args = [t.clone().requires_grad_(tracked) for t in (x, weight, bias)]
+    args = [t.clone().requires_grad_(tracked) for t in (x, weight, bias, residual)]
     context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(why, torch.enable_grad)
+
+    def ours():
+        if fused:
+            return batch_norm_act(args[0], stats[0].clone(), stats[1].clone(), args[1], args[2], training=training,
+                                  residual=args[3])
+        return batch_norm(args[0], stats[0].clone(), stats[1].clone(), args[1], args[2], training=training)
+
     with context():
-        y = batch_norm(args[0], stats[0].clone(), stats[1].clone(), args[1], args[2], training=training)
+        y = ours()
         expected = F.batch_norm(x, stats[0].clone(), stats[1].clone(), weight, bias, training=training)
+        if fused:
+            expected = F.relu(expected + residual)
     assert y.grad_fn is None and not y.requires_grad
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     if tracked:
-        y = batch_norm(args[0], stats[0].clone(), stats[1].clone(), args[1], args[2], training=training)
+        y = ours()
         assert y.requires_grad and y.grad_fn is not None
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_forward_mode_ad_is_refused_not_dropped(training):
+def test_forward_mode_ad_is_refused_not_dropped(training, fused):
     # No jvp is defined: a dual input must raise, not lose its tangent on the no-graph path.
     import torch.autograd.forward_ad as fwAD
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    fn = batch_norm_act if fused else batch_norm
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp"):
-            batch_norm(dual, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
-                       training=training)
+            fn(dual, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), training=training)
 
 
 @pytest.mark.parametrize("shape, fmt", [((8, 4, 32, 32), torch.contiguous_format),

@@ -1,7 +1,7 @@
-"""Loads the compiled ops (torch.ops.fastbn.*) and gives them fake kernels, and the fused ops autograd.
+"""Loads the compiled ops (torch.ops.fastbn.*) and gives them fake kernels.
 
 The schemas are declared in csrc/ops.cpp; this file is the only Python that knows about them. The
-plain ops' autograd is in C++ (csrc/autograd.cpp): through Python it cost 30 us per call.
+ops' autograd is in C++ (csrc/autograd.cpp): through Python it cost 30 us per call.
 """
 import torch
 
@@ -100,92 +100,3 @@ def _(grad_output, input, weight, mean, var, eps, mean_dy, mean_dy_xhat):
 @torch.library.register_fake("fastbn::update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
     return None
-
-
-# ---- autograd of the fused ops -----------------------------------------------------------------
-
-def _param_grads(ctx, grad_input, grad_weight, grad_bias):
-    """Drops grads nobody asked for and returns parameter grads in the parameters' own dtypes."""
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    return (grad_input if need_input else None,
-            grad_weight.to(ctx.weight_dtype) if need_weight else None,
-            grad_bias.to(ctx.bias_dtype) if need_bias else None)
-
-
-def _save_param_dtypes(ctx, weight, bias):
-    ctx.weight_dtype = weight.dtype if weight is not None else None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-# Standard mode saves the input (and the residual, to recompute the pre-activation). Memory-efficient
-# mode saves the output instead, from which the backward recovers x = (act^-1(y) - bias - residual)
-# / scale + mean. Where |weight| is 0, or small next to |bias| (the recovery would lose more than
-# 4 bits), that channel's input is kept as well and its grads are computed from it.
-_RECOVERY_MARGIN = 16.0
-
-
-def _kept_channels(weight, bias):
-    """Channels whose input memory-efficient mode keeps: weight 0, or |bias| / |weight| > 16."""
-    if weight is None:
-        return None
-    small = weight == 0
-    if bias is not None:
-        small = small | (bias.abs() > _RECOVERY_MARGIN * weight.abs())
-    return small.nonzero().flatten()
-
-
-def _act_setup_context(ctx, input, weight, bias, residual, mean, var, output, eps, activation, param,
-                       memory_efficient):
-    # Which channels keep their input depends on the weight's values, which a compiled graph cannot size:
-    # under torch.compile memory-efficient mode saves the input, as standard mode does.
-    memory_efficient = memory_efficient and not torch.compiler.is_compiling()
-    ctx.eps, ctx.activation, ctx.param, ctx.memory_efficient = eps, activation, param, memory_efficient
-    _save_param_dtypes(ctx, weight, bias)
-    kept = _kept_channels(weight, bias) if memory_efficient else None
-    kept_input = input.index_select(1, kept) if kept is not None and kept.numel() > 0 else None
-    ctx.save_for_backward(output if memory_efficient else input, weight, bias, residual, mean, var, kept, kept_input)
-
-
-def _act_backward(ctx, grad_output, training):
-    saved, weight, bias, residual, mean, var, kept, kept_input = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4])
-    grads = list(batch_norm_act_backward(grad_output, saved, ctx.memory_efficient, weight, bias, residual, mean, var,
-                                         ctx.eps, training, ctx.activation, ctx.param, mask))
-    if kept_input is not None:  # those channels again, from their input
-        residual_kept = residual.index_select(1, kept) if residual is not None else None
-        bias_kept = bias[kept] if bias is not None else None
-        subset = batch_norm_act_backward(grad_output.index_select(1, kept), kept_input, False, weight[kept], bias_kept,
-                                         residual_kept, mean[kept], var[kept], ctx.eps, training, ctx.activation,
-                                         ctx.param, mask)
-        for k, (full, part) in enumerate(zip(grads, subset)):
-            if mask[k]:
-                grads[k] = full.index_copy(0 if full.dim() == 1 else 1, kept, part)
-    grad_input, grad_weight, grad_bias = _param_grads(ctx, *grads[:3])
-    return grad_input, grad_weight, grad_bias, grads[3] if mask[3] else None
-
-
-def _act_train_setup_context(ctx, inputs, output):
-    input, weight, bias, residual, eps, activation, param, memory_efficient = inputs
-    out, mean, var = output
-    _act_setup_context(ctx, input, weight, bias, residual, mean, var, out, eps, activation, param, memory_efficient)
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _act_train_backward(ctx, grad_output, grad_mean, grad_var):
-    return (*_act_backward(ctx, grad_output, True), None, None, None, None)
-
-
-def _act_eval_setup_context(ctx, inputs, output):
-    input, weight, bias, residual, running_mean, running_var, eps, activation, param, memory_efficient = inputs
-    _act_setup_context(ctx, input, weight, bias, residual, running_mean, running_var, output, eps, activation, param,
-                       memory_efficient)
-
-
-def _act_eval_backward(ctx, grad_output):
-    return (*_act_backward(ctx, grad_output, False), None, None, None, None, None, None)
-
-
-torch.library.register_autograd("fastbn::batch_norm_act_train", _act_train_backward,
-                                setup_context=_act_train_setup_context)
-torch.library.register_autograd("fastbn::batch_norm_act_eval", _act_eval_backward,
-                                setup_context=_act_eval_setup_context)

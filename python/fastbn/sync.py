@@ -12,8 +12,8 @@ DistributedDataParallel reduces them with every other parameter gradient.
 import torch
 import torch.distributed as dist
 
-from ._ops import (_param_grads, _save_param_dtypes, batch_norm_backward, batch_norm_backward_elemt,
-                   batch_norm_eval, batch_norm_stats, update_running_stats)
+from ._ops import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_eval, batch_norm_stats,
+                   update_running_stats)
 from .functional import _values_per_channel
 
 __all__ = ["sync_batch_norm"]
@@ -33,6 +33,19 @@ def _all_gather(tensor, group, world_size):
     gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
     gather_single(gathered, tensor, group=group)
     return gathered.view(world_size, *tensor.shape)
+
+
+def _save_param_dtypes(ctx, weight, bias):
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _param_grads(ctx, grad_input, grad_weight, grad_bias):
+    """Drops grads nobody asked for and returns parameter grads in the parameters' own dtypes."""
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    return (grad_input if need_input else None,
+            grad_weight.to(ctx.weight_dtype) if need_weight else None,
+            grad_bias.to(ctx.bias_dtype) if need_bias else None)
 
 
 # Counts travel as two numbers below 2**24, so they stay exact in float32 (2**48 values per channel).

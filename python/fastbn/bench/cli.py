@@ -15,6 +15,7 @@ from .fused import SHAPES as FUSED_SHAPES
 from .fused import fused_table, run_fused, run_memory
 from .impls import IMPLS, default_impls
 from .inference import inference_table, run_inference
+from .overhead import MODULES as OVERHEAD_MODULES
 from .overhead import SHAPE as OVERHEAD_SHAPE
 from .overhead import overhead_table, run_overhead
 from .report import table, write_json, write_plot
@@ -144,9 +145,9 @@ def main(argv=None):
         report = fused_table(records, memory)
     elif args.overhead:
         meta["preset"] = "overhead"
-        print(header + f"{meta['threads']} threads, BatchNorm2d modules on {tuple(OVERHEAD_SHAPE)}, back-to-back "
-              f"calls, median of {args.reps} runs of 200 calls")
-        with _progress(len(OPS)) as bar:
+        print(header + f"{meta['threads']} threads, BatchNorm2d (+ ReLU) modules on {tuple(OVERHEAD_SHAPE)}, "
+              f"back-to-back calls, median of {args.reps} runs of 200 calls")
+        with _progress(len(OVERHEAD_MODULES) * len(OPS)) as bar:
             records = run_overhead(args.device, args.reps, progress=bar)
         report = overhead_table(records)
     elif args.inference:

@@ -1,7 +1,7 @@
-"""The per-call cost of a small layer: BatchNorm2d modules called back to back on a tiny input,
-where the time is the Python, dispatcher and autograd work around the kernels rather than the
-kernels themselves. On a GPU that work is what a small layer costs in eager mode, whenever it
-exceeds the kernels' time."""
+"""The per-call cost of a small layer: BatchNorm2d modules (and BatchNorm2d + ReLU, fused in
+fastbn's BatchNormAct2d) called back to back on a tiny input, where the time is the Python,
+dispatcher and autograd work around the kernels rather than the kernels themselves. On a GPU that
+work is what a small layer costs in eager mode, whenever it exceeds the kernels' time."""
 import gc
 import statistics
 import time
@@ -9,11 +9,16 @@ import time
 import torch
 from torch import nn
 
-from .. import convert
+from .. import BatchNormAct2d, convert
 from .cases import OPS
 
 SHAPE = (8, 16, 4, 4)
 IMPLS = ("torch", "fastbn")
+# module name -> (torch's module, fastbn's), for SHAPE's channels
+MODULES = {
+    "BatchNorm2d": lambda c: (nn.BatchNorm2d(c), convert(nn.BatchNorm2d(c))),
+    "BatchNorm2d+ReLU": lambda c: (nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)), BatchNormAct2d(c)),
+}
 
 
 def _sync(device):
@@ -36,48 +41,51 @@ def _step(module, op, x, grad):
 
 
 def run_overhead(device="cpu", reps=15, calls=200, progress=None):
-    """Per op and implementation: the median over `reps` runs of `calls` back-to-back calls, in ms per call."""
+    """Per module, op and implementation: the median over `reps` runs of `calls` back-to-back calls,
+    in ms per call."""
     torch.manual_seed(0)
     x = torch.randn(SHAPE, device=device, requires_grad=True)
     grad = torch.randn_like(x)
-    modules = {"torch": nn.BatchNorm2d(SHAPE[1]).to(device)}
-    modules["fastbn"] = convert(nn.BatchNorm2d(SHAPE[1]).to(device))
     records = []
-    for op in OPS:
-        steps = {}
-        for impl in IMPLS:
-            modules[impl].train(op != "eval_fwd")
-            steps[impl] = _step(modules[impl], op, x, grad)
-            for _ in range(20):  # warm up
-                steps[impl]()
-        times = {impl: [] for impl in IMPLS}
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(reps):
-                for impl in IMPLS:  # interleaved
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        steps[impl]()
-                    _sync(device)
-                    times[impl].append((time.perf_counter() - t0) * 1e3 / calls)
-        finally:
-            gc.enable()
-        for impl in IMPLS:
-            records.append({"op": op, "shape": list(SHAPE), "layout": "nchw", "dtype": "float32", "impl": impl,
-                            "median_ms": statistics.median(times[impl]), "gbps": None, "floor_ratio": None,
-                            "threads": torch.get_num_threads(), "device": device, "reps": reps,
-                            "label": "x".join(map(str, SHAPE)) + " per call"})
-        if progress:
-            progress()
+    for name, make in MODULES.items():
+        modules = dict(zip(IMPLS, (m.to(device) for m in make(SHAPE[1]))))
+        for op in OPS:
+            steps = {}
+            for impl in IMPLS:
+                modules[impl].train(op != "eval_fwd")
+                steps[impl] = _step(modules[impl], op, x, grad)
+                for _ in range(20):  # warm up
+                    steps[impl]()
+            times = {impl: [] for impl in IMPLS}
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(reps):
+                    for impl in IMPLS:  # interleaved
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            steps[impl]()
+                        _sync(device)
+                        times[impl].append((time.perf_counter() - t0) * 1e3 / calls)
+            finally:
+                gc.enable()
+            for impl in IMPLS:
+                records.append({"op": op, "module": name, "shape": list(SHAPE), "layout": "nchw", "dtype": "float32",
+                                "impl": impl, "median_ms": statistics.median(times[impl]), "gbps": None,
+                                "floor_ratio": None, "threads": torch.get_num_threads(), "device": device,
+                                "reps": reps, "label": "x".join(map(str, SHAPE)) + " per call"})
+            if progress:
+                progress()
     return records
 
 
 def overhead_table(records):
-    head = f"{'op':<16}{'torch us':>10}{'fastbn us':>11}{'fastbn / torch':>16}"
+    head = f"{'module':<18}{'op':<16}{'torch us':>10}{'fastbn us':>11}{'fastbn / torch':>16}"
     lines = [head, "-" * len(head)]
-    for op in OPS:
-        us = {r["impl"]: r["median_ms"] * 1e3 for r in records if r["op"] == op}
-        lines.append(f"{op:<16}{us['torch']:>10.1f}{us['fastbn']:>11.1f}{us['fastbn'] / us['torch']:>15.2f}x")
+    for name in MODULES:
+        for op in OPS:
+            us = {r["impl"]: r["median_ms"] * 1e3 for r in records if r["op"] == op and r["module"] == name}
+            lines.append(f"{name:<18}{op:<16}{us['torch']:>10.1f}{us['fastbn']:>11.1f}"
+                         f"{us['fastbn'] / us['torch']:>15.2f}x")
     return "\n".join(lines)
