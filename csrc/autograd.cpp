@@ -7,6 +7,7 @@
 //
 // torch.compile traces through these the way it traces any C++ autograd kernel: the forward
 // redispatches to the op (the fake kernel under tracing) and the backward calls the backward op.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -14,6 +15,9 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "batch_norm_math.h"
 
 namespace fastbn {
 namespace {
@@ -135,24 +139,85 @@ variable_list grads_by_position(AutogradContext* ctx, size_t num_inputs, const s
   return out;
 }
 
-// Without create_graph nothing records the backward's grads: its op is called below autograd,
-// past the fallback that would check every argument for one that requires grad.
-struct BelowAutogradUnlessRecording {
-  optional<at::AutoDispatchBelowADInplaceOrView> guard;
-  BelowAutogradUnlessRecording() {
-    if (!at::GradMode::is_enabled()) guard.emplace();
-  }
+// ---- grads of grads -----------------------------------------------------------------------------
+//
+// With create_graph the grads must be differentiable themselves, which the kernels' are not. The
+// backward then recomputes the forward from the saved tensors with differentiable ATen ops (the
+// composite BatchNorm, in the accumulation dtype, statistics taken from the input in training)
+// and differentiates that: grads of grads follow torch's own formulas. Only that call pays for
+// the recomputation.
+struct Forward {
+  Tensor input, weight, bias, residual;  // undefined when absent
+  Tensor running_mean, running_var;      // eval only
+  double eps;
+  bool training;
+  Activation activation = Activation::Identity;
+  double param = 0;
 };
+
+Tensor composite_forward(const Forward& f) {
+  const auto acc = f.input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor x = f.input.to(acc);
+  std::vector<int64_t> dims{0}, channel_shape(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  channel_shape[1] = x.size(1);
+  auto per_channel = [&](const Tensor& t) { return t.to(acc).view(channel_shape); };
+  Tensor mean, var;
+  if (f.training)
+    std::tie(var, mean) = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/true);
+  else  // constants, as in the first backward
+    mean = per_channel(f.running_mean.detach()), var = per_channel(f.running_var.detach());
+  Tensor y = (x - mean) * (var + f.eps).rsqrt();
+  if (f.weight.defined()) y = y * per_channel(f.weight);
+  if (f.bias.defined()) y = y + per_channel(f.bias);
+  if (f.residual.defined()) y = y + f.residual.to(acc);
+  switch (f.activation) {
+    case Activation::Identity: break;
+    case Activation::ReLU: y = at::relu(y); break;
+    case Activation::LeakyReLU: y = at::leaky_relu(y, f.param); break;
+    case Activation::ELU: y = at::elu(y, f.param); break;
+    case Activation::SiLU: y = at::silu(y); break;
+  }
+  return y.to(f.input.scalar_type());
+}
+
+// The grads of (input, weight, bias, residual) asked for, by differentiating composite_forward.
+variable_list recorded_grads(const Forward& f, const Tensor& grad_output, const std::array<bool, 4>& needed,
+                             size_t num_inputs) {
+  const std::array<Tensor, 4> inputs{f.input, f.weight, f.bias, f.residual};
+  variable_list wrt;
+  for (size_t i = 0; i < 4; ++i)
+    if (needed[i]) wrt.push_back(inputs[i]);
+  const variable_list grads = torch::autograd::grad({composite_forward(f)}, wrt, {grad_output},
+                                                    /*retain_graph=*/true, /*create_graph=*/true,
+                                                    /*allow_unused=*/true);
+  variable_list out(num_inputs);
+  for (size_t i = 0, k = 0; i < 4; ++i)
+    if (needed[i]) out[i] = grads[k++];
+  return out;
+}
 
 // Plain BatchNorm. Saved tensors: input, weight (undefined when absent), and the statistics
 // normalized with.
 variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, bool training, size_t num_inputs) {
   const variable_list saved = ctx->get_saved_variables();
   const std::array<bool, 3> needed = grads_needed(ctx, params_present(ctx));
-  const BelowAutogradUnlessRecording below_autograd;
-  auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
-      grad_output, saved[0], or_nullopt(saved[1]), saved[2], saved[3], ctx->saved_data["eps"].toDouble(), training,
-      needed);
+  const double eps = ctx->saved_data["eps"].toDouble();
+  if (at::GradMode::is_enabled()) {  // create_graph
+    // The bias is not saved: its grad is the sum of dy over all but the channel dimension.
+    const Forward f{saved[0], saved[1], Tensor(), Tensor(), saved[2], saved[3], eps, training};
+    variable_list grads = recorded_grads(f, grad_output, {needed[0], needed[1], false, false}, num_inputs);
+    if (needed[2]) {
+      std::vector<int64_t> dims{0};
+      for (int64_t d = 2; d < grad_output.dim(); ++d) dims.push_back(d);
+      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      grads[2] = grad_output.to(dtype == at::kDouble ? at::kDouble : at::kFloat).sum(dims).to(dtype);
+    }
+    return grads;
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing records these grads
+  auto [grad_input, grad_weight, grad_bias] =
+      batch_norm_backward(grad_output, saved[0], or_nullopt(saved[1]), saved[2], saved[3], eps, training, needed);
   return grads_by_position<3>(ctx, num_inputs, needed, {grad_input, grad_weight, grad_bias});
 }
 
@@ -236,11 +301,17 @@ variable_list fused_backward_of(AutogradContext* ctx, const Tensor& grad_output,
   const int64_t activation = ctx->saved_data["activation"].toInt();
   const Tensor &weight = saved[1], &bias = saved[2], &residual = saved[3], &mean = saved[4], &var = saved[5];
   const Tensor &kept = saved[6], &kept_input = saved[7];
-  const BelowAutogradUnlessRecording below_autograd;
+  const bool recover = ctx->saved_data["recover"].toBool();
+  if (at::GradMode::is_enabled()) {  // create_graph
+    TORCH_CHECK(!recover, "batch_norm_act: grads of grads (create_graph=True) need the input, which "
+                "memory_efficient=True does not keep; use memory_efficient=False");
+    const Forward f{saved[0], weight, bias, residual, mean, var, eps, training, Activation(activation), param};
+    return recorded_grads(f, grad_output, needed, num_inputs);
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing records these grads
   auto [grad_input, grad_weight, grad_bias, grad_residual] =
-      batch_norm_act_backward(grad_output, saved[0], ctx->saved_data["recover"].toBool(), or_nullopt(weight),
-                              or_nullopt(bias), or_nullopt(residual), mean, var, eps, training, activation, param,
-                              needed);
+      batch_norm_act_backward(grad_output, saved[0], recover, or_nullopt(weight), or_nullopt(bias),
+                              or_nullopt(residual), mean, var, eps, training, activation, param, needed);
   std::array<Tensor, 4> grads{grad_input, grad_weight, grad_bias, grad_residual};
   if (kept.defined()) {  // those channels again, from their input
     auto pick = [&](const Tensor& t, int64_t dim) { return or_nullopt(t.defined() ? t.index_select(dim, kept) : t); };

@@ -175,6 +175,74 @@ def test_forward_mode_ad_is_refused_not_dropped(training, fused):
             fn(dual, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), training=training)
 
 
+# ---- grads of grads (create_graph=True) ------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, fmt", [((6, 3), torch.contiguous_format), ((4, 3, 5), torch.contiguous_format),
+                                        ((3, 2, 3, 4), torch.channels_last), ((2, 3, 2, 3, 2), torch.contiguous_format)],
+                         ids=["2d", "3d", "4d-cl", "5d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("params", ["weight-bias", "weight", "none"])
+def test_grads_of_grads(shape, fmt, training, params):
+    """gradgradcheck: second derivatives against finite differences of the first (float64)."""
+    g = torch.Generator().manual_seed(stable_seed(shape, training, params))
+    x = torch.randn(shape, dtype=torch.float64, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    C = shape[1]
+    weight = (torch.rand(C, dtype=torch.float64, generator=g) + 0.5).requires_grad_() if params != "none" else None
+    bias = torch.randn(C, dtype=torch.float64, generator=g).requires_grad_() if params == "weight-bias" else None
+    rm, rv = torch.randn(C, dtype=torch.float64, generator=g), torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+    inputs = [t for t in (x, weight, bias) if t is not None]
+
+    def fn(x, *p):
+        w, b = (list(p) + [None, None])[:2]
+        return batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("activation, param", [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.7),
+                                               ("silu", None)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_grads_of_grads(activation, param, training):
+    g = torch.Generator().manual_seed(stable_seed(activation, training))
+    shape = (3, 2, 3, 3)
+    x, r = (torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    w = (torch.rand(2, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, generator=g).requires_grad_()
+    rm, rv = torch.randn(2, dtype=torch.float64, generator=g), torch.rand(2, dtype=torch.float64, generator=g) + 0.5
+
+    def fn(x, w, b, r):
+        return batch_norm_act(x, rm.clone(), rv.clone(), w, b, training=training, activation=activation,
+                              activation_param=param, residual=r)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
+
+
+def test_gradient_penalty_matches_torch():
+    """A WGAN-GP-style penalty, the usual reason for grads of grads: ||d out / d x||^2 differentiated
+    again, against torch's BatchNorm + LeakyReLU."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(8, 4, 5, 5, dtype=torch.float64, generator=g)
+    w0, b0 = torch.rand(4, dtype=torch.float64, generator=g) + 0.5, torch.randn(4, dtype=torch.float64, generator=g)
+
+    def penalty_grads(norm):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        out = norm(x, w, b)
+        (dx,) = torch.autograd.grad((out * out.detach().cos()).sum(), x, create_graph=True)
+        dx.pow(2).sum().backward()
+        return x.grad, w.grad, b.grad
+
+    ours = penalty_grads(lambda x, w, b: batch_norm_act(x, None, None, w, b, True, activation="leaky_relu"))
+    theirs = penalty_grads(lambda x, w, b: F.leaky_relu(F.batch_norm(x, None, None, w, b, True), 0.01))
+    for name, a, e in zip(("x", "weight", "bias"), ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_grads_of_grads_refused_in_memory_efficient_mode():
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    y = batch_norm_act(x, None, None, w, None, True, activation="leaky_relu", memory_efficient=True)
+    with pytest.raises(RuntimeError, match="memory_efficient=True does not keep"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("shape, fmt", [((8, 4, 32, 32), torch.contiguous_format),
                                         ((8, 4, 32, 32), torch.channels_last), ((8192, 4), torch.contiguous_format)],
                          ids=["nchw", "channels_last", "2d"])
