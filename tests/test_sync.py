@@ -152,6 +152,18 @@ def global_batch_of_one(rank, world_size):
                                                   and int(bn.num_batches_tracked) == 0)}
 
 
+def grads_of_grads(rank, world_size):
+    """create_graph=True: the first grads come, differentiating them again raises (not silently wrong)."""
+    bn = fastbn.SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    (grad,) = torch.autograd.grad(bn(x).pow(2).sum(), x, create_graph=True)
+    try:
+        grad.sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def process_group_honored(rank, world_size):
     """Ranks 0 and 1 synchronize in their own group; rank 2 is in no group and trains alone."""
     group = dist.new_group([0, 1])
@@ -215,6 +227,11 @@ def test_global_batch_of_one_is_an_error(tmp_path):
     for result in run_distributed(global_batch_of_one, 2, tmp_path):
         assert result["message"] and "Expected more than 1 value per channel when training, got 1" in result["message"]
         assert result["untouched"]
+
+
+def test_grads_of_grads_raise(tmp_path):
+    for message in run_distributed(grads_of_grads, 2, tmp_path):
+        assert message and "once_differentiable" in message
 
 
 def test_process_group_is_honored(tmp_path):

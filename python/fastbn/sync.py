@@ -11,6 +11,7 @@ DistributedDataParallel reduces them with every other parameter gradient.
 """
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from ._ops import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_eval, batch_norm_stats,
                    update_running_stats)
@@ -98,6 +99,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return batch_norm_eval(input, weight, bias, mean, var, ctx.eps)
 
     @staticmethod
+    @once_differentiable  # grads of grads raise (torch's SyncBatchNorm has none either)
     def backward(ctx, grad_output):
         input, weight, mean, var = ctx.saved_tensors
         # Local sum(dy * x_hat) and sum(dy): the eval-mode parameter grads at the global statistics.
