@@ -10,6 +10,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <array>
@@ -425,6 +426,12 @@ TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
   m.impl("batch_norm_act_train", &batch_norm_act_train_autograd);
   m.impl("batch_norm_act_eval", &batch_norm_act_eval_autograd);
+  // The pieces have no derivatives (grads of grads recompute, see recorded_grads): differentiating
+  // their outputs raises "derivative for ... is not implemented", where custom ops' default
+  // fallback only warns and returns wrong grads.
+  for (const char* op : {"batch_norm_backward", "batch_norm_act_backward", "batch_norm_stats",
+                         "batch_norm_backward_elemt"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace fastbn

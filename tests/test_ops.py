@@ -116,3 +116,22 @@ def test_opcheck_sync_ops(shape, fmt, dtype):
     grad = torch.randn_like(x)
     torch.library.opcheck(ops.batch_norm_backward_elemt, (grad, x, w, mean, var, 1e-5, mean * 0.1, var * 0.2))
     torch.library.opcheck(ops.batch_norm_backward_elemt, (grad, x, None, mean, var, 1e-5, mean * 0.1, var * 0.2))
+
+
+def test_the_pieces_refuse_to_be_differentiated():
+    """The backward and SyncBatchNorm pieces have no derivatives of their own: backpropagating through
+    them raises rather than returning wrong grads (grads of grads go through the forward ops)."""
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    mean, var = ops.batch_norm_stats(x.detach())
+    grad = torch.randn_like(x)
+    outputs = {
+        "batch_norm_stats": ops.batch_norm_stats(x)[0],
+        "batch_norm_backward": ops.batch_norm_backward(grad, x, w, mean, var, 1e-5, True, [True, True, True])[0],
+        "batch_norm_act_backward": ops.batch_norm_act_backward(grad, x, False, w, None, None, mean, var, 1e-5, True, 1,
+                                                               0.0, [True, True, False, False])[0],
+        "batch_norm_backward_elemt": ops.batch_norm_backward_elemt(grad, x, w, mean, var, 1e-5, mean, var),
+    }
+    for name, out in outputs.items():
+        with pytest.raises(RuntimeError, match=f"derivative for fastbn::{name} is not implemented"):
+            out.sum().backward()
