@@ -128,6 +128,51 @@ def test_grads_for_every_mix_of_given_and_trained_parameters(training, input_gra
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=f"grad_{name}")
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["standard", "memory-efficient"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("input_grad, weight_mode, bias_mode, residual_mode", [
+    pytest.param(dx, w, b, r, id=f"{'dx' if dx else 'no-dx'}-weight-{w}-bias-{b}-residual-{r}")
+    for dx in (True, False) for w in PARAM_MODES for b in PARAM_MODES for r in PARAM_MODES
+    if dx or "trained" in (w, b, r)])
+def test_fused_grads_for_every_mix_of_given_and_trained_tensors(training, memory_efficient, input_grad, weight_mode,
+                                                                 bias_mode, residual_mode):
+    """As above for batch_norm_act, whose autograd also maps the residual's grad (leaky_relu, which
+    memory-efficient mode can invert)."""
+    g = torch.Generator().manual_seed(stable_seed(training, memory_efficient, input_grad, weight_mode, bias_mode,
+                                                  residual_mode))
+    x = torch.randn(6, 5, 4, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def given(mode, make):
+        t = make()
+        return None if mode == "absent" else t.requires_grad_(mode == "trained")
+
+    weight = given(weight_mode, lambda: torch.rand(5, generator=g, dtype=torch.float64) + 0.5)
+    bias = given(bias_mode, lambda: torch.rand(5, generator=g, dtype=torch.float64) - 0.5)
+    residual = given(residual_mode, lambda: torch.randn(x.shape, generator=g, dtype=torch.float64))
+    stats = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+
+    def theirs(x, rm, rv, w, b, training, residual):
+        z = F.batch_norm(x, rm, rv, w, b, training=training)
+        return F.leaky_relu(z + residual if residual is not None else z, 0.1)
+
+    def ours(x, rm, rv, w, b, training, residual):
+        return batch_norm_act(x, rm, rv, w, b, training=training, activation="leaky_relu", activation_param=0.1,
+                              residual=residual, memory_efficient=memory_efficient)
+    results = []
+    for fn in (ours, theirs):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (x.requires_grad_(input_grad), weight, bias, residual)]
+        y = fn(leaves[0], stats[0].clone(), stats[1].clone(), leaves[1], leaves[2], training, leaves[3])
+        y.backward(dy)
+        results.append([t.grad if t is not None else None for t in leaves])
+    for name, a, e in zip(["input", "weight", "bias", "residual"], *results):
+        if e is None:
+            assert a is None, f"grad_{name} computed though not asked for"
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=f"grad_{name}")
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("why", ["nothing-requires-grad", "no_grad", "inference_mode"])
@@ -175,11 +220,11 @@ def test_forward_mode_ad_is_refused_not_dropped(training, fused):
             fn(dual, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), training=training)
 
 
-# ---- grads of grads (create_graph=True) ------------------------------------------------------------
+# ---- grads of grads (create_graph=True) ----------------------------------------------------------
 
-@pytest.mark.parametrize("shape, fmt", [((6, 3), torch.contiguous_format), ((4, 3, 5), torch.contiguous_format),
-                                        ((3, 2, 3, 4), torch.channels_last), ((2, 3, 2, 3, 2), torch.contiguous_format)],
-                         ids=["2d", "3d", "4d-cl", "5d"])
+@pytest.mark.parametrize("shape, fmt", [
+    ((6, 3), torch.contiguous_format), ((4, 3, 5), torch.contiguous_format), ((3, 2, 3, 4), torch.channels_last),
+    ((2, 3, 2, 3, 2), torch.contiguous_format)], ids=["2d", "3d", "4d-cl", "5d"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("params", ["weight-bias", "weight", "none"])
 def test_grads_of_grads(shape, fmt, training, params):
