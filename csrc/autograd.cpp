@@ -7,6 +7,8 @@
 //
 // torch.compile traces through these the way it traces any C++ autograd kernel: the forward
 // redispatches to the op (the fake kernel under tracing) and the backward calls the backward op.
+// With create_graph the backward differentiates a recomputed composite instead (recorded_grads);
+// the backward ops themselves, and SyncBatchNorm's pieces, refuse to be differentiated.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
