@@ -158,11 +158,21 @@ struct Forward {
   double param = 0;
 };
 
+// The kernels' accumulation dtype: float64 for float64, float32 otherwise.
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Every dimension but the channels' (1): what the statistics and the parameter grads sum over.
+std::vector<int64_t> non_channel_dims(int64_t dim) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < dim; ++d) dims.push_back(d);
+  return dims;
+}
+
 Tensor composite_forward(const Forward& f) {
-  const auto acc = f.input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(f.input.scalar_type());
   const Tensor x = f.input.to(acc);
-  std::vector<int64_t> dims{0}, channel_shape(x.dim(), 1);
-  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  const std::vector<int64_t> dims = non_channel_dims(x.dim());
+  std::vector<int64_t> channel_shape(x.dim(), 1);
   channel_shape[1] = x.size(1);
   auto per_channel = [&](const Tensor& t) { return t.to(acc).view(channel_shape); };
   Tensor mean, var;
@@ -211,10 +221,8 @@ variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, bool 
     const Forward f{saved[0], saved[1], Tensor(), Tensor(), saved[2], saved[3], eps, training};
     variable_list grads = recorded_grads(f, grad_output, {needed[0], needed[1], false, false}, num_inputs);
     if (needed[2]) {
-      std::vector<int64_t> dims{0};
-      for (int64_t d = 2; d < grad_output.dim(); ++d) dims.push_back(d);
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      grads[2] = grad_output.to(dtype == at::kDouble ? at::kDouble : at::kFloat).sum(dims).to(dtype);
+      grads[2] = grad_output.to(acc_type(dtype)).sum(non_channel_dims(grad_output.dim())).to(dtype);
     }
     return grads;
   }

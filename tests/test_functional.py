@@ -96,6 +96,22 @@ def test_options_float64(affine, with_running):
 PARAM_MODES = ["absent", "frozen", "trained"]
 
 
+def assert_same_grads(ours, theirs, tensors, names, dy, tol):
+    """Runs ours(*leaves) and theirs(*leaves) on fresh leaves made from `tensors` (None stays None,
+    requires_grad kept), backpropagates dy through each, and compares the grads: the same ones
+    computed (None where not asked for), equal to `tol`."""
+    results = []
+    for fn in (ours, theirs):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+        fn(*leaves).backward(dy)
+        results.append([t.grad if t is not None else None for t in leaves])
+    for name, a, e in zip(names, *results):
+        if e is None:
+            assert a is None, f"grad_{name} computed though not asked for"
+        else:
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=f"grad_{name}")
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("input_grad, weight_mode, bias_mode", [
     pytest.param(dx, w, b, id=f"{'dx' if dx else 'no-dx'}-weight-{w}-bias-{b}")
@@ -114,18 +130,10 @@ def test_grads_for_every_mix_of_given_and_trained_parameters(training, input_gra
 
     weight, bias = param(weight_mode, 0.5), param(bias_mode, -0.5)
     stats = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
-    results = []
-    for fn in (batch_norm, F.batch_norm):
-        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
-                  for t in (x.requires_grad_(input_grad), weight, bias)]
-        y = fn(leaves[0], stats[0].clone(), stats[1].clone(), leaves[1], leaves[2], training=training)
-        y.backward(dy)
-        results.append([t.grad if t is not None else None for t in leaves])
-    for name, ours, theirs in zip(["input", "weight", "bias"], *results):
-        if theirs is None:
-            assert ours is None, f"grad_{name} computed though not asked for"
-        else:
-            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=f"grad_{name}")
+    def call(fn):
+        return lambda x, w, b: fn(x, stats[0].clone(), stats[1].clone(), w, b, training=training)
+    assert_same_grads(call(batch_norm), call(F.batch_norm), (x.requires_grad_(input_grad), weight, bias),
+                      ["input", "weight", "bias"], dy, 1e-10)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["standard", "memory-efficient"])
@@ -152,25 +160,15 @@ def test_fused_grads_for_every_mix_of_given_and_trained_tensors(training, memory
     residual = given(residual_mode, lambda: torch.randn(x.shape, generator=g, dtype=torch.float64))
     stats = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
 
-    def theirs(x, rm, rv, w, b, training, residual):
-        z = F.batch_norm(x, rm, rv, w, b, training=training)
+    def theirs(x, w, b, residual):
+        z = F.batch_norm(x, stats[0].clone(), stats[1].clone(), w, b, training=training)
         return F.leaky_relu(z + residual if residual is not None else z, 0.1)
 
-    def ours(x, rm, rv, w, b, training, residual):
-        return batch_norm_act(x, rm, rv, w, b, training=training, activation="leaky_relu", activation_param=0.1,
-                              residual=residual, memory_efficient=memory_efficient)
-    results = []
-    for fn in (ours, theirs):
-        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
-                  for t in (x.requires_grad_(input_grad), weight, bias, residual)]
-        y = fn(leaves[0], stats[0].clone(), stats[1].clone(), leaves[1], leaves[2], training, leaves[3])
-        y.backward(dy)
-        results.append([t.grad if t is not None else None for t in leaves])
-    for name, a, e in zip(["input", "weight", "bias", "residual"], *results):
-        if e is None:
-            assert a is None, f"grad_{name} computed though not asked for"
-        else:
-            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=f"grad_{name}")
+    def ours(x, w, b, residual):
+        return batch_norm_act(x, stats[0].clone(), stats[1].clone(), w, b, training=training, activation="leaky_relu",
+                              activation_param=0.1, residual=residual, memory_efficient=memory_efficient)
+    assert_same_grads(ours, theirs, (x.requires_grad_(input_grad), weight, bias, residual),
+                      ["input", "weight", "bias", "residual"], dy, 1e-9)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
