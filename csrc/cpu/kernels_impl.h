@@ -845,6 +845,16 @@ void staged_map(const uint16_t* x, const uint16_t* residual, uint16_t* y, int64_
   }
 }
 
+// One stage of the fused backward's loops on half values: inputs converted to float (in registers
+// with F16C), the float loops run over them, and outputs written here and converted back. Against
+// those loops converting value by value with integer code: see backward_impl.
+template <Dtype D>
+struct StagedRun {
+  alignas(64) float dy[kStageElems], saved[kStageElems], residual[kStageElems], grad[kStageElems], dx[kStageElems];
+  static void load(float* dst, const uint16_t* src, int64_t n) { to_float<D>(src, dst, n); }
+  static void store(uint16_t* dst, const float* src, int64_t n) { from_float<D>(src, dst, n); }
+};
+
 // At most 4096 values per planes block (16 KB of fp32), so a block's second pass reads L1.
 constexpr int64_t kBlockElems = 4096;
 // Rows blocks are wider (the channel vector is the SIMD axis) and sit in L2.
@@ -1788,6 +1798,13 @@ void backward_impl(const BackwardArgs& a) {
   // Plain BatchNorm on half values converts in registers where it can (see grad_input_in_registers).
   constexpr bool kPlain = A == Activation::Identity && !FromOutput && !HasResidual;
   [[maybe_unused]] constexpr bool kPlainHalf = kStaged<D> && kPlain;  // unused in the baseline table
+  // The fused loops (activation, residual, memory-efficient) on float16 values run over float copies
+  // of their inputs, a stage at a time, converted in registers, and write outputs through a float
+  // stage: the same float values in the same order as the integer conversions value by value, so the
+  // same bits. float16's integer conversions cost more than the stage's stores and reloads; bfloat16's
+  // are shifts, and staged they measured 1.4-1.75x slower (see StagedRun).
+  constexpr bool kStageLoops = kHasF16C && D == Dtype::Float16 && !kPlain;
+  using StagedE = ElementGrad<Dtype::Float32, A, FromOutput>;  // the element maths on staged floats
   const auto* dy = static_cast<const T*>(a.grad_output);
   const auto* saved = static_cast<const T*>(FromOutput ? a.output : a.input);
   const auto* res = static_cast<const T*>(a.epilogue.residual);
@@ -1848,51 +1865,73 @@ void backward_impl(const BackwardArgs& a) {
   const bool has_apply = has_output_grads && !(grad_stored && !dx);
   if (count == 0 || (!has_reduce && !has_apply)) return;
 
-  // Writes dx and/or the residual's grad (g) over elements [0, n) of one run, whose channel
+  // Writes dx and/or the residual's grad (g) over elements [0, n) of one run from its values (gy:
+  // grad_output, ps: the saved tensor, pr: the residual, all read through EG's Traits), whose channel
   // parameters are read through at(i) (a scalar for planes, the channel vector for rows).
-  auto apply_run = [&](int64_t off, int64_t n, auto at) {
-    const T* __restrict__ gy = dy + off;
-    const T* __restrict__ ps = saved + off;
-    const T* __restrict__ pr = HasResidual ? res + off : nullptr;
-    T* __restrict__ pdx = dx ? dx + off : nullptr;
-    T* __restrict__ pgr = grad_res ? grad_res + off : nullptr;
-    // Always inlined: apply_run is inlined into two planes drivers and the rows one, and past some
+  auto apply_values = [&](auto eg, int64_t n, auto at, const auto* __restrict__ gy, const auto* __restrict__ ps,
+                          const auto* __restrict__ pr, auto* __restrict__ pdx, auto* __restrict__ pgr) {
+    using EG = decltype(eg);
+    using L = typename EG::K;
+    // Always inlined: apply_values is inlined into two planes drivers and the rows one, and past some
     // size GCC stops inlining this, leaving a call that keeps the loops below from vectorizing.
     auto element = [&](int64_t i, Acc& xm) __attribute__((always_inline)) {
       Acc rv = Acc(0);
-      if constexpr (HasResidual) rv = K::load(pr[i]);
-      xm = E::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
-      return E::grad(K::load(gy[i]), ps[i], xm, rv, at(affine.scale, i), at(affine.bias, i), param);
+      if constexpr (HasResidual) rv = L::load(pr[i]);
+      xm = EG::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
+      return EG::grad(L::load(gy[i]), ps[i], xm, rv, at(affine.scale, i), at(affine.bias, i), param);
     };
     if (StoreGrad && grad_stored) {  // g from the reduction's pass; the residual is needed only to recover x
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         Acc rv = Acc(0);
-        if constexpr (FromOutput) rv = K::load(pr[i]);
-        const Acc xm = E::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
-        pdx[i] = K::store(K::load(pgr[i]) * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
+        if constexpr (FromOutput) rv = L::load(pr[i]);
+        const Acc xm = EG::xmu(ps[i], rv, at(affine.mean, i), at(affine.bias, i), at(inv_scale, i), param);
+        pdx[i] = L::store(L::load(pgr[i]) * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
       }
     } else if (pdx && pgr) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         Acc xm;
         const Acc gv = element(i, xm);
-        pdx[i] = K::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
-        pgr[i] = K::store(gv);
+        pdx[i] = L::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
+        pgr[i] = L::store(gv);
       }
     } else if (pdx) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         Acc xm;
         const Acc gv = element(i, xm);
-        pdx[i] = K::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
+        pdx[i] = L::store(gv * at(coef.dy_scale, i) + xm * at(coef.xmu_scale, i) + at(coef.shift, i));
       }
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         Acc xm;
-        pgr[i] = K::store(element(i, xm));
+        pgr[i] = L::store(element(i, xm));
       }
+    }
+  };
+  // The same over elements [off, off + n) of the tensors, staged where kStageLoops.
+  auto apply_run = [&](int64_t off, int64_t n, auto at) {
+    T* pdx = dx ? dx + off : nullptr;
+    T* pgr = grad_res ? grad_res + off : nullptr;
+    const T* pr = HasResidual ? res + off : nullptr;
+    if constexpr (kStageLoops) {
+      const bool reads_grad = StoreGrad && grad_stored;  // g instead of grad_output (and the residual)
+      StagedRun<D> run;
+      for (int64_t i0 = 0; i0 < n; i0 += kStageElems) {
+        const int64_t len = std::min(kStageElems, n - i0);
+        run.load(run.saved, saved + off + i0, len);
+        if (reads_grad) run.load(run.grad, pgr + i0, len);
+        else run.load(run.dy, dy + off + i0, len);
+        if (HasResidual && (FromOutput || !reads_grad)) run.load(run.residual, pr + i0, len);
+        apply_values(StagedE{}, len, [&](const std::vector<Acc>& v, int64_t i) { return at(v, i0 + i); }, run.dy,
+                     run.saved, run.residual, pdx ? run.dx : nullptr, pgr ? run.grad : nullptr);
+        if (pdx) run.store(pdx + i0, run.dx, len);
+        if (pgr && !reads_grad) run.store(pgr + i0, run.grad, len);
+      }
+    } else {
+      apply_values(E{}, n, at, dy + off, saved + off, pr, pdx, pgr);
     }
   };
 
@@ -1931,28 +1970,46 @@ void backward_impl(const BackwardArgs& a) {
       }
 #endif
       LaneSums<R> sums;  // first: sum(g), second: sum(g * (x - mean))
-      for (int64_t n = r.n0; n < r.n1; ++n) {
-        const int64_t off = (n * C + c) * pb.S + r.s0;
-        const T* __restrict__ gy = dy + off;
-        const T* __restrict__ ps = saved + off;
-        const T* __restrict__ pr = HasResidual ? res + off : nullptr;
-        T* __restrict__ pg = StoreGrad ? grad_res + off : nullptr;
+      // Adds one run's n values (read through EG's Traits), writing g to pg with StoreGrad.
+      auto add_run = [&](auto eg, int64_t n, const auto* __restrict__ gy, const auto* __restrict__ ps,
+                         const auto* __restrict__ pr, auto* __restrict__ pg) {
+        using EG = decltype(eg);
+        using L = typename EG::K;
         auto residual = [pr](int64_t i) {
-          if constexpr (HasResidual) return R(K::load(pr[i]));
+          if constexpr (HasResidual) return R(L::load(pr[i]));
           else return R(0);
         };
         sums.add(
-            len,
+            n,
             [=](int64_t i) {
-              const R xm = E::xmu(ps[i], residual(i), mean, bias, inv, p);
-              const R gv = E::grad(R(K::load(gy[i])), ps[i], xm, residual(i), scale, bias, p);
-              if constexpr (StoreGrad) pg[i] = K::store(Acc(gv));
+              const R xm = EG::xmu(ps[i], residual(i), mean, bias, inv, p);
+              const R gv = EG::grad(R(L::load(gy[i])), ps[i], xm, residual(i), scale, bias, p);
+              if constexpr (StoreGrad) pg[i] = L::store(Acc(gv));
               return gv;
             },
             [=](int64_t i) {
-              const R xm = E::xmu(ps[i], residual(i), mean, bias, inv, p);
-              return E::grad(R(K::load(gy[i])), ps[i], xm, residual(i), scale, bias, p) * xm;
+              const R xm = EG::xmu(ps[i], residual(i), mean, bias, inv, p);
+              return EG::grad(R(L::load(gy[i])), ps[i], xm, residual(i), scale, bias, p) * xm;
             });
+      };
+      for (int64_t n = r.n0; n < r.n1; ++n) {
+        const int64_t off = (n * C + c) * pb.S + r.s0;
+        const T* pr = HasResidual ? res + off : nullptr;
+        T* pg = StoreGrad ? grad_res + off : nullptr;
+        if constexpr (kStageLoops) {  // stages of a multiple of LaneSums' step: the same lanes as unstaged
+          static_assert(kStageElems % LaneSums<R>::kStep == 0);
+          StagedRun<D> run;
+          for (int64_t i0 = 0; i0 < len; i0 += kStageElems) {
+            const int64_t m = std::min(kStageElems, len - i0);
+            run.load(run.dy, dy + off + i0, m);
+            run.load(run.saved, saved + off + i0, m);
+            if (HasResidual) run.load(run.residual, pr + i0, m);
+            add_run(StagedE{}, m, run.dy, run.saved, run.residual, run.grad);
+            if (StoreGrad) run.store(pg + i0, run.grad, m);
+          }
+        } else {
+          add_run(E{}, len, dy + off, saved + off, pr, pg);
+        }
       }
       return {double(sums.first()), double(sums.second())};
     };
@@ -2005,29 +2062,51 @@ void backward_impl(const BackwardArgs& a) {
       return;
     }
 #endif
-    // In Acc: mean is already rounded to Acc, so x - mean rounds once, as torch's does.
-    auto residual = [&](int64_t m, int64_t c) {
-      if constexpr (HasResidual) return K::load(res[m * C + c]);
-      else return Acc(0);
+    // Adds rows [m0, m1) of the values (read through EG's Traits), writing g to pg with StoreGrad.
+    auto add_block = [&](auto eg, int64_t m0, int64_t m1, const auto* __restrict__ gy, const auto* __restrict__ ps,
+                         const auto* __restrict__ pr, auto* __restrict__ pg) {
+      using EG = decltype(eg);
+      using L = typename EG::K;
+      // In Acc: mean is already rounded to Acc, so x - mean rounds once, as torch's does.
+      auto residual = [&](int64_t m, int64_t c) {
+        if constexpr (HasResidual) return L::load(pr[m * C + c]);
+        else return Acc(0);
+      };
+      auto xmu = [&](int64_t m, int64_t c) {
+        return EG::xmu(ps[m * C + c], residual(m, c), mean[c], bias[c], inv[c], param);
+      };
+      auto grad = [&](int64_t m, int64_t c, Acc xm) {
+        return EG::grad(L::load(gy[m * C + c]), ps[m * C + c], xm, residual(m, c), scale[c], bias[c], param);
+      };
+      add_rows(
+          sum_g, sum_g_xmu, m0, m1, C,
+          [&](int64_t m, int64_t c) {
+            const Acc gv = grad(m, c, xmu(m, c));
+            if constexpr (StoreGrad) pg[m * C + c] = L::store(gv);
+            return gv;
+          },
+          [&](int64_t m, int64_t c) {
+            const Acc xm = xmu(m, c);
+            return grad(m, c, xm) * xm;
+          },
+          [](int64_t, int64_t) {});  // one pass: no NextRowsBlock (it measured 0-13% slower here)
     };
-    auto xmu = [&](int64_t m, int64_t c) {
-      return E::xmu(saved[m * C + c], residual(m, c), mean[c], bias[c], inv[c], param);
-    };
-    auto grad = [&](int64_t m, int64_t c, Acc xm) {
-      return E::grad(K::load(dy[m * C + c]), saved[m * C + c], xm, residual(m, c), scale[c], bias[c], param);
-    };
-    add_rows(
-        sum_g, sum_g_xmu, rb.begin(b), rb.end(b), C,
-        [&](int64_t m, int64_t c) {
-          const Acc gv = grad(m, c, xmu(m, c));
-          if constexpr (StoreGrad) grad_res[m * C + c] = K::store(gv);
-          return gv;
-        },
-        [&](int64_t m, int64_t c) {
-          const Acc xm = xmu(m, c);
-          return grad(m, c, xm) * xm;
-        },
-        [](int64_t, int64_t) {});  // one pass: no NextRowsBlock (it measured 0-13% slower here)
+    const int64_t m0 = rb.begin(b), m1 = rb.end(b);
+    if constexpr (kStageLoops) {
+      // The block's rows as float (at most kRowBlockElems values, or one row, a tensor; in L2), added
+      // as rows [0, m1 - m0): add_rows' order depends on the count only, so the same adds as unstaged.
+      const int64_t n = (m1 - m0) * C, off = m0 * C;
+      thread_local std::vector<float> stage;
+      stage.resize(4 * n);
+      float *s_dy = stage.data(), *s_saved = s_dy + n, *s_res = s_saved + n, *s_grad = s_res + n;
+      to_float<D>(dy + off, s_dy, n);
+      to_float<D>(saved + off, s_saved, n);
+      if (HasResidual) to_float<D>(res + off, s_res, n);
+      add_block(StagedE{}, 0, m1 - m0, s_dy, s_saved, s_res, s_grad);
+      if (StoreGrad) from_float<D>(s_grad, grad_res + off, n);
+    } else {
+      add_block(E{}, m0, m1, dy, saved, res, grad_res);
+    }
   };
   auto merge = [&](int64_t c0, int64_t c1, const BlockPartials<Acc>& partials) {
     const int64_t n = c1 - c0;
