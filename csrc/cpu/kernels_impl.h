@@ -1005,14 +1005,19 @@ struct PlaneBlocks {
 // float32 (16,512,7,7)'s backward 0.42 -> 0.33 ms (1 thread, warm; torch's 0.29-0.32) and, cold on
 // 2 threads, 3-23% faster over (16|32, 512|2048, 7, 7) in float32 and bfloat16.
 constexpr int64_t kMaxStreams = 2;
-// The forward's planes blocks hold at least 256 values, and planes under 64 values (7x7 and
-// smaller) take blocks of at least 2048: a block's fixed costs (its sums' set-up and horizontal
-// adds, the merge) outweighed its planes there. Training forward, cold, builds alternating (EPYC
-// Zen 5 VM), time against 256: bfloat16 (32,2048,7,7) 0.75-0.79x, (32,512,7,7) 0.74x, float32
-// (16,2048,7,7) 0.74x, (32,2048,7,7) 0.88x, (N,512,7,7) 0.84-0.99x; bfloat16 statistics alone
-// (32,2048,7,7) 0.72 -> 0.46 ms.
+// Planes under 64 values (7x7 and smaller) take blocks of at least 2048 values instead, in the
+// forward and in the float32/float64 backward: there a block's fixed costs (its sums' set-up and
+// horizontal adds, the merge) outweighed its streams. On the EPYC Zen 5 VM, cold, builds
+// alternating, time against the minimums above: training forward bfloat16 (32,2048,7,7)
+// 0.75-0.79x, (32,512,7,7) 0.74x, float32 (16,2048,7,7) 0.74x, (32,2048,7,7) 0.88x, (N,512,7,7)
+// 0.84-0.99x; float32 backward (16|32,512|2048,7,7) 0.73-0.78x. bfloat16's backward, whose sums
+// convert in registers plane by plane, took 1.22-1.29x and keeps its blocks. Not measured on an
+// Intel CPU.
 int64_t forward_min_block_elems(int64_t plane_elems) { return plane_elems < 64 ? 2048 : 256; }
-int64_t backward_min_block_elems() { return min_group_plane_bytes() > 0 ? 0 : 256; }
+int64_t backward_min_block_elems(int64_t plane_elems, int64_t value_bytes) {
+  if (plane_elems < 64 && value_bytes >= 4) return 2048;
+  return min_group_plane_bytes() > 0 ? 0 : 256;
+}
 
 PlaneBlocks plane_blocks(const Geometry& g, int64_t min_block_elems) {
   PlaneBlocks pb{g.outer, g.channels, g.inner, 1, g.inner, 1, 1};
@@ -1960,7 +1965,7 @@ void backward_impl(const BackwardArgs& a) {
   };
 
   if (g.inner > 1) {
-    const PlaneBlocks pb = plane_blocks(g, backward_min_block_elems());
+    const PlaneBlocks pb = plane_blocks(g, backward_min_block_elems(g.inner, sizeof(T)));
     auto reduce = [&](int64_t c, int64_t b) -> Sums {
       const BlockRange r = block_range(pb, b);
       const R mean = affine.mean[c], scale = affine.scale[c], bias = affine.bias[c], inv = inv_scale[c], p = param;
