@@ -1009,12 +1009,12 @@ struct PlaneBlocks {
 constexpr int64_t kMaxStreams = 2;
 // Planes under 64 values (7x7 and smaller) take blocks of at least 2048 values instead, in the
 // forward and in the float32/float64 backward: there a block's fixed costs (its sums' set-up and
-// horizontal adds, the merge) outweighed its streams. On the EPYC Zen 5 VM, cold, builds
-// alternating, time against the minimums above: training forward bfloat16 (32,2048,7,7)
-// 0.75-0.79x, (32,512,7,7) 0.74x, float32 (16,2048,7,7) 0.74x, (32,2048,7,7) 0.88x, (N,512,7,7)
-// 0.84-0.99x; float32 backward (16|32,512|2048,7,7) 0.73-0.78x. bfloat16's backward, whose sums
-// convert in registers plane by plane, took 1.22-1.29x and keeps its blocks. Not measured on an
-// Intel CPU.
+// horizontal adds, the merge) outweighed its streams. On the EPYC Zen 5 VM, cold, builds in
+// alternating processes (the order alternated too: the second of a pair ran faster), medians,
+// time against the minimums above over (16|32, 512|2048, 7, 7): training forward 0.51-0.94x
+// (float32) and 0.67-0.79x (bfloat16); float32 backward 0.71-0.95x. bfloat16's backward, whose
+// sums convert in registers plane by plane, took 1.22-1.29x and keeps its blocks. Not measured
+// on an Intel CPU.
 int64_t forward_min_block_elems(int64_t plane_elems) { return plane_elems < 64 ? 2048 : 256; }
 int64_t backward_min_block_elems(int64_t plane_elems, int64_t value_bytes) {
   if (plane_elems < 64 && value_bytes >= 4) return 2048;
