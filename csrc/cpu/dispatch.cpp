@@ -61,8 +61,9 @@ unsigned cpu_family() {
 // The kernels are memory-bound, so wider vectors buy little once a core saturates its bandwidth.
 // AMD's Zen 4 runs AVX-512 as two 256-bit halves, and on it the AVX2 kernels measured equal or up to
 // 5-10% faster (fewer cache-line-splitting accesses on unaligned planes), so AMD before Zen 5 gets
-// AVX2 first. Zen 5 runs AVX-512 at full width: there the AVX-512 table measured 3-4% faster in
-// training (geometric means over 28 cases, two runs) and 0-2% slower in eval.
+// AVX2 first. Zen 5 (server and desktop parts) runs AVX-512 at full width: on an EPYC the AVX-512
+// table measured 3-4% faster in training (geometric means over 28 cases, two runs) and 0-2% slower
+// in eval. Zen 5 mobile parts split AVX-512 as Zen 4 does; not measured there.
 const KernelTable* best_table() {
   if (const char* forced = std::getenv("FASTBN_SIMD"))
     if (const KernelTable* t = table_named(forced)) return t;
