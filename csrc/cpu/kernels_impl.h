@@ -2115,6 +2115,7 @@ void backward_impl(const BackwardArgs& a) {
     if constexpr (kStageLoops) {
       // The block's rows as float (at most kRowBlockElems values, or one row, a tensor; in L2), added
       // as rows [0, m1 - m0): add_rows' order depends on the count only, so the same adds as unstaged.
+      // The buffer stays with the thread between calls: 512 KB, or 16 bytes a channel past 32768.
       const int64_t n = (m1 - m0) * C, off = m0 * C;
       thread_local std::vector<float> stage;
       stage.resize(4 * n);
