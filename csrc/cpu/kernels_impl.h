@@ -1016,9 +1016,12 @@ constexpr int64_t kMaxStreams = 2;
 // (float32) and 0.67-0.79x (bfloat16); float32 backward 0.71-0.95x. bfloat16's backward, whose
 // sums convert in registers plane by plane, took 1.22-1.29x and keeps its blocks. Not measured
 // on an Intel CPU.
-int64_t forward_min_block_elems(int64_t plane_elems) { return plane_elems < 64 ? 2048 : 256; }
+constexpr int64_t kSmallPlaneElems = 64, kSmallPlaneMinBlockElems = 2048;
+int64_t forward_min_block_elems(int64_t plane_elems) {
+  return plane_elems < kSmallPlaneElems ? kSmallPlaneMinBlockElems : 256;
+}
 int64_t backward_min_block_elems(int64_t plane_elems, int64_t value_bytes) {
-  if (plane_elems < 64 && value_bytes >= 4) return 2048;
+  if (plane_elems < kSmallPlaneElems && value_bytes >= 4) return kSmallPlaneMinBlockElems;
   return min_group_plane_bytes() > 0 ? 0 : 256;
 }
 
