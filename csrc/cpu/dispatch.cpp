@@ -1,9 +1,6 @@
 // Picks the kernel table for the running CPU once, at first use, and sizes the cache-resident
 // planes passes from the CPU's L2.
 #include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -35,8 +32,7 @@ const KernelTable* table_named(const char* simd) {
   return std::strcmp(simd, "baseline") == 0 ? &kernels_baseline() : nullptr;
 }
 
-// Whether this is an AMD CPU, where two measured choices differ (the table order below, and
-// min_group_plane_bytes).
+// Whether this is an AMD CPU, where min_group_plane_bytes' measured choice differs.
 bool amd_cpu() {
 #if defined(__x86_64__) || defined(__i386__)
   return __builtin_cpu_is("amd");
@@ -45,31 +41,18 @@ bool amd_cpu() {
 #endif
 }
 
-// The CPU's family as CPUID reports it (base plus extended family; 0x19 is AMD's Zen 3 and 4,
-// 0x1A Zen 5), 0 where unknown.
-unsigned cpu_family() {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
-  const unsigned base = (eax >> 8) & 0xf;
-  return base == 0xf ? base + ((eax >> 20) & 0xff) : base;
-#else
-  return 0;
-#endif
-}
-
-// The kernels are memory-bound, so wider vectors buy little once a core saturates its bandwidth.
-// AMD's Zen 4 runs AVX-512 as two 256-bit halves, and on it the AVX2 kernels measured equal or up to
-// 5-10% faster (fewer cache-line-splitting accesses on unaligned planes), so AMD before Zen 5 gets
-// AVX2 first. Zen 5 (server and desktop parts) runs AVX-512 at full width: on an EPYC the AVX-512
-// table measured 3-4% faster in training (geometric means over 28 cases, two runs) and 0-2% slower
-// in eval. Zen 5 mobile parts split AVX-512 as Zen 4 does; not measured there.
+// The widest table this CPU runs. The kernels are memory-bound, so wider vectors buy less than
+// their width, but the 16-bit loops spend much of their time converting and the 512-bit tables do
+// that in half the instructions. Alternating the two tables in one process (geometric means over
+// 3 dtypes, both layouts, 5-6 shapes; AVX-512 time / AVX2 time): on a Zen 5 EPYC, full-width
+// AVX-512, training forward 0.96, forward+backward 0.97-0.98, eval 1.00-1.02; on a Zen 4 EPYC,
+// which splits AVX-512 into two 256-bit halves, training forward 0.95-0.97, forward+backward
+// 0.96-0.99 (bfloat16 0.91-0.96, float32 0.94), eval 1.01-1.03. (Zen 4 took AVX2 first until the
+// 16-bit loops used 512-bit lanes; it measured 5-10% faster then.) FASTBN_SIMD forces a table.
 const KernelTable* best_table() {
   if (const char* forced = std::getenv("FASTBN_SIMD"))
     if (const KernelTable* t = table_named(forced)) return t;
-  static const char* const avx2_first[] = {"avx2", "avx512", "baseline"};
-  static const char* const default_order[] = {"avx512", "avx2", "baseline"};
-  for (const char* simd : amd_cpu() && cpu_family() < 0x1A ? avx2_first : default_order)
+  for (const char* simd : {"avx512", "avx2", "baseline"})
     if (const KernelTable* t = table_named(simd)) return t;
   return &kernels_baseline();
 }
