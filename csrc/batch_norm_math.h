@@ -49,7 +49,9 @@ FASTBN_HOST_DEVICE T inverse_std(T var, T eps) {
 }
 
 // Kernels apply y = (x - mean) * (weight * invstd) + bias. Subtracting the mean before scaling keeps
-// full precision when |mean| >> std, where the folded form x * scale + shift cancels badly.
+// full precision when |mean| >> std, where the folded form x * scale + shift cancels badly. (One
+// exception, where the error stays below the output's rounding: the CPU's 16-bit rows pass,
+// half_rows_folded in cpu/kernels_impl.h.)
 
 // Coefficients of the input gradient dx = dy * dy_scale + (x - mean) * xmu_scale + shift.
 // In eval mode the statistics are constants, so only the dy term remains.

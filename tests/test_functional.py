@@ -304,6 +304,30 @@ def test_large_mean_small_variance_is_stable(shape, fmt):
     torch.testing.assert_close(v.double(), var, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape, fmt", [((4, 40, 3, 3), torch.channels_last), ((64, 45), torch.contiguous_format)],
+                         ids=["channels_last", "2d"])
+def test_16bit_rows_large_mean_within_an_ulp(shape, fmt, dtype, training):
+    # 16-bit rows normalize as x * scale + (bias - mean * scale) in float (half_rows_folded), whose
+    # error grows with |mean| / std: at 300 every value must still be within one unit in the last
+    # place of the exact result, plus the bound the kernel documents (2^-24 |mean| / std |weight|).
+    g = torch.Generator().manual_seed(6)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + 300).to(dtype).contiguous(memory_format=fmt)
+    weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(C, generator=g, dtype=torch.float64)
+    rm, rv = torch.full((C,), 300.0, dtype=torch.float64), torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    y = batch_norm(x, rm.float(), rv.float(), weight.float(), bias.float(), training=training)
+    exact = F.batch_norm(x.double(), rm.clone(), rv.clone(), weight, bias, training=training)
+    dims = [0] + list(range(2, len(shape)))
+    var = x.double().var(dims, unbiased=False) if training else rv
+    scale = (weight / (var + 1e-5).sqrt()).view([1, C] + [1] * (len(shape) - 2))
+    ulp = torch.finfo(dtype).eps * exact.abs()  # one unit where |exact| is in [2^k, 2^(k+1)) and up
+    error = (y.double() - exact).abs()
+    assert (error <= ulp + 4 * 2.0 ** -24 * 300 * scale).all()
+
+
 @pytest.mark.parametrize("shape", [(8, 4, 32, 32), (3, 2, 70, 70), (16, 3, 7, 7)], ids=shape_id)
 def test_outlier_at_each_block_start_is_stable(shape):
     # The float32 planes reduction sums each block about its first value. The worst case for that
