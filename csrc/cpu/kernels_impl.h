@@ -1540,8 +1540,8 @@ struct AffineTable {
   }
 };
 
-// Plain BatchNorm on 16-bit rows as y = x * scale + shift, shift = bias - mean * scale taken in
-// double. In the rows layout every value reads its channel's parameters from three float arrays
+// Plain BatchNorm on the 16-bit rows [m0, m1) as y = x * scale + shift, with shift = bias - mean *
+// scale taken in double (by normalize, once per call). In the rows layout every value reads its channel's parameters from three float arrays
 // (12 bytes against its own 4 in and out), and a third array cost ~10%: channels_last bfloat16
 // eval (32,2048,7,7), (64,1024,7,7), (16,4096,7,7), (2048,768), Zen 4, cold, in one process:
 // 0.84-0.93x the time, level with torch (which folds too). Folding costs float precision where
@@ -1550,24 +1550,14 @@ struct AffineTable {
 // (float16) of |y| at best. For |y| ~ |weight| that stays under a tenth of the output's rounding
 // for |mean| / std below ~3000 (bfloat16) and ~400 (float16); at 10 it may move the rounding of a
 // float16 value in a thousand by one unit (tested at 300 against the exact values).
-template <Dtype D, typename Acc>
-void half_rows_folded(const uint16_t* x, uint16_t* y, int64_t M, int64_t C, const AffineTable<Acc>& affine,
-                      bool stream, int num_threads) {
-  std::vector<float> shift(C);
-  for (int64_t c = 0; c < C; ++c)
-    shift[c] = float(double(affine.bias[c]) - double(affine.mean[c]) * double(affine.scale[c]));
-  const float* scale = affine.scale.data();
-#pragma omp parallel num_threads(num_threads)
-  {
-    for_row_shares(M, num_threads, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const uint16_t* xm = x + m * C;
-        uint16_t* ym = y + m * C;
-        for (int64_t c = scale_shift_in_registers<D>(xm, ym, C, scale, shift.data(), stream); c < C; ++c)
-          ym[c] = Traits<D>::store(Traits<D>::load(xm[c]) * scale[c] + shift[c]);
-      }
-    });
-    finish_streamed_stores();
+template <Dtype D>
+void half_rows_folded(const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int64_t C, int64_t m0, int64_t m1,
+                      const float* scale, const float* shift, bool stream) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* xm = x + m * C;
+    uint16_t* ym = y + m * C;
+    for (int64_t c = scale_shift_in_registers<D>(xm, ym, C, scale, shift, stream); c < C; ++c)
+      ym[c] = Traits<D>::store(Traits<D>::load(xm[c]) * scale[c] + shift[c]);
   }
 }
 
@@ -1614,14 +1604,22 @@ void normalize(const typename Traits<D>::storage* x, typename Traits<D>::storage
           });
       return;
     }
-    if constexpr (kStaged<D> && A == Activation::Identity) {
-      if (!residual) return half_rows_folded<D>(x, y, g.outer, g.channels, affine, stream, num_threads);
+    const int64_t C = g.channels;
+    constexpr bool kFoldable = kStaged<D> && A == Activation::Identity;
+    std::vector<float> shift;  // half_rows_folded's: bias - mean * scale, in double
+    if (kFoldable && !residual) {
+      shift.resize(C);
+      for (int64_t c = 0; c < C; ++c)
+        shift[c] = float(double(affine.bias[c]) - double(affine.mean[c]) * double(affine.scale[c]));
     }
 #pragma omp parallel num_threads(num_threads)
     {
       for_row_shares(g.outer, num_threads, [&](int64_t m0, int64_t m1) {
-        normalize_rows<D, A>(x, residual, y, g.channels, m0, m1, affine.mean.data(), affine.scale.data(),
-                             affine.bias.data(), param, stream);
+        if constexpr (kFoldable) {
+          if (!residual) return half_rows_folded<D>(x, y, C, m0, m1, affine.scale.data(), shift.data(), stream);
+        }
+        normalize_rows<D, A>(x, residual, y, C, m0, m1, affine.mean.data(), affine.scale.data(), affine.bias.data(),
+                             param, stream);
       });
       finish_streamed_stores();
     }
