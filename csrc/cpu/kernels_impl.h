@@ -2025,7 +2025,7 @@ void backward_impl(const BackwardArgs& a) {
   };
 
   // Plain BatchNorm's dx over [off, off + n) in registers where it can: half values converted there,
-  // float32/float64 when streamed. Returns how many values it wrote (apply_run does the rest). The
+  // float32/float64 when streamed or in rows (store_run). Returns how many values it wrote (apply_run does the rest). The
   // parameters are channel p's (PerValue false) or one per value from channel p on (rows).
   auto plain_grad_input = [&](auto per_value, int64_t off, int64_t n, int64_t p) -> int64_t {
     constexpr bool PerValue = decltype(per_value)::value;
@@ -2036,7 +2036,7 @@ void backward_impl(const BackwardArgs& a) {
       if constexpr (kStaged<D>)
         return grad_input_in_registers<D, PerValue>(dy + off, saved + off, dx + off, n, mean, dy_scale, xmu_scale,
                                                     shift, stream);
-      else if (stream || PerValue)  // rows: 16-byte stores when not streamed (store32_halves)
+      else if (stream || PerValue)
         return grad_input_run<T, PerValue>(dy + off, saved + off, dx + off, n, mean, dy_scale, xmu_scale, shift,
                                            stream);
     }
