@@ -368,10 +368,10 @@ void stream32(T* p, Vec32<T> v) {  // p 32-byte aligned
 }
 
 // 32 bytes as two 16-byte stores. Storing the rows' float32 results 32 or 64 bytes at a time (these
-// loops, or `omp simd` in the AVX-512 table) into lines that are not in cache took 1.2-1.6x the time
+// loops, or `omp simd` in the AVX-512 table) into lines that are not in cache took 1.15-1.5x the time
 // of the same loop with 16-byte stores on the Zen 4 VM (channels_last eval, cold: torch's loop, which
-// is slower in cache, was faster there); in cache the two take the same time. The vectors and the
-// arithmetic stay 32 bytes wide.
+// is slower in cache, was faster there; bench/store_width.c); in cache the two take the same time.
+// The vectors and the arithmetic stay 32 bytes wide.
 template <typename T>
 void store32_halves(T* p, Vec32<T> v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -900,7 +900,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // stores. A normal store first reads the line it writes (for ownership), so a pass that reads one
 // tensor and writes another moves three tensors' bytes where streaming moves two: on this VM a
 // 12.8 MB copy takes 0.85 ms instead of 1.0.
-// - Runs (planes or rows) of whole 64-byte lines stream in every dtype.
+// - Runs (planes or rows) of whole 64-byte lines stream in every dtype, but float32 and float64
+//   rows from 128 bytes only: streamed row by row, channels_last float32 with 16 channels (64x16x
+//   56x56) took 1.0-1.6x the time of normal stores in eval and 1.0-1.4x in training forward; with
+//   32 channels the two were level, with 64 streaming was 15-20% faster (Zen 4 VM, 2 threads,
+//   cold, builds alternating with torch as the yardstick).
 // - float32 and float64 planes of 64 bytes and up stream as stretches of consecutive planes
 //   (store_planes; against plane by plane through the pending line, 14x14 passes 7-18% faster;
 //   7x7 ones, which that way were 20-45% slower than normal stores, 10-20% faster than those).
@@ -914,9 +918,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Needs AVX2 (the streaming loops are written in registers).
 bool streams_output(const void* out, const Geometry& g, int64_t value_bytes) {
 #ifdef FASTBN_HAS_F16C
-  const int64_t run = (g.inner > 1 ? g.inner : g.channels) * value_bytes;
-  return (run % 64 == 0 || (value_bytes > 2 && run >= (g.inner > 1 ? 64 : 512))) &&
-         fastbn::cpu::streams_output(out, g.outer * g.channels * g.inner * value_bytes);
+  const bool rows = g.inner == 1;
+  const int64_t run = (rows ? g.channels : g.inner) * value_bytes;
+  const bool streamable = value_bytes == 2 ? run % 64 == 0
+                          : rows           ? run >= 512 || (run >= 128 && run % 64 == 0)
+                                           : run >= 64;
+  return streamable && fastbn::cpu::streams_output(out, g.outer * g.channels * g.inner * value_bytes);
 #else
   return false;
 #endif
