@@ -1570,15 +1570,16 @@ struct AffineTable {
 };
 
 // Plain BatchNorm on the 16-bit rows [m0, m1) as y = x * scale + shift, with shift = bias - mean *
-// scale taken in double (by normalize, once per call). In the rows layout every value reads its channel's parameters from three float arrays
-// (12 bytes against its own 4 in and out), and a third array cost ~10%: channels_last bfloat16
-// eval (32,2048,7,7), (64,1024,7,7), (16,4096,7,7), (2048,768), Zen 4, cold, in one process:
-// 0.84-0.93x the time, level with torch (which folds too). Folding costs float precision where
-// |mean| >> std (the reason the other paths subtract the mean first): an absolute error of about
-// 2^-24 |mean| / std * |weight|, where the 16-bit output rounds to 2^-9 (bfloat16) or 2^-12
-// (float16) of |y| at best. For |y| ~ |weight| that stays under a tenth of the output's rounding
-// for |mean| / std below ~3000 (bfloat16) and ~400 (float16); at 10 it may move the rounding of a
-// float16 value in a thousand by one unit (tested at 300 against the exact values).
+// scale taken in double (by normalize, once per call). In the rows layout every value reads its
+// channel's parameters from three float arrays (12 bytes against its own 4 in and out), and a
+// third array cost ~10%: channels_last bfloat16 eval (32,2048,7,7), (64,1024,7,7), (16,4096,7,7),
+// (2048,768), Zen 4, cold, in one process: 0.84-0.93x the time, level with torch (which folds too).
+// Folding costs float precision where |mean| >> std (the reason the other paths subtract the mean
+// first): an absolute error of about 2^-24 |mean| / std * |weight|, where the 16-bit output rounds
+// to 2^-9 (bfloat16) or 2^-12 (float16) of |y| at best. For |y| ~ |weight| that stays under a
+// tenth of the output's rounding for |mean| / std below ~3000 (bfloat16) and ~400 (float16); at 10
+// it may move the rounding of a float16 value in a thousand by one unit (tested at 300 against the
+// exact values).
 template <Dtype D>
 void half_rows_folded(const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int64_t C, int64_t m0, int64_t m1,
                       const float* scale, const float* shift, bool stream) {
@@ -2032,8 +2033,9 @@ void backward_impl(const BackwardArgs& a) {
   };
 
   // Plain BatchNorm's dx over [off, off + n) in registers where it can: half values converted there,
-  // float32/float64 when streamed or in rows (store_run). Returns how many values it wrote (apply_run does the rest). The
-  // parameters are channel p's (PerValue false) or one per value from channel p on (rows).
+  // float32/float64 when streamed or in rows (store_run). Returns how many values it wrote
+  // (apply_run does the rest). The parameters are channel p's (PerValue false) or one per value
+  // from channel p on (rows).
   auto plain_grad_input = [&](auto per_value, int64_t off, int64_t n, int64_t p) -> int64_t {
     constexpr bool PerValue = decltype(per_value)::value;
     if constexpr (kPlain) {
